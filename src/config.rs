@@ -1,0 +1,594 @@
+//! The configuration file, `/etc/deployd/deployd.toml`.
+//!
+//! Every key is optional and has the default documented in the design; unknown keys are an
+//! error, and every value is validated when the file is loaded, so a typo stops deployd with
+//! exit code 78 and a sentence naming the file, the line and the key, instead of surfacing
+//! halfway through a deployment. `--config` or `DEPLOYD_CONFIG` choose another file; a missing
+//! file at the default path means "all defaults", a missing file named explicitly is an error.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+use crate::exit;
+
+/// Where the configuration lives unless `--config` or `DEPLOYD_CONFIG` say otherwise.
+pub const DEFAULT_PATH: &str = "/etc/deployd/deployd.toml";
+
+/// A configuration problem; always exit code 78.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}, line {line}{}: {message}", key.as_ref().map(|k| format!(" (key `{k}`)")).unwrap_or_default())]
+    Parse {
+        path: PathBuf,
+        line: usize,
+        key: Option<String>,
+        message: String,
+    },
+    #[error("invalid config file {path}: `{key}` {message}")]
+    Invalid {
+        path: PathBuf,
+        key: &'static str,
+        message: String,
+    },
+}
+
+impl ConfigError {
+    pub fn exit_code(&self) -> i32 {
+        exit::CONFIG
+    }
+}
+
+/// A duration written the human way: `"5m"`, `"120s"`, `"1h 30m"`, `"0s"`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+impl fmt::Debug for HumanDuration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", humantime::format_duration(self.0))
+    }
+}
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_duration(text.trim())
+            .map(HumanDuration)
+            .map_err(|e| {
+                serde::de::Error::custom(format!(
+                    "invalid duration {text:?} ({e}); write a number and a unit, like \"30s\", \"5m\" or \"1h\""
+                ))
+            })
+    }
+}
+
+/// A byte size written the human way: `"4GiB"`, `"512 MiB"`, or a plain integer of bytes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Size(pub u64);
+
+impl fmt::Debug for Size {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", bytesize::ByteSize(self.0).display().iec())
+    }
+}
+
+impl<'de> Deserialize<'de> for Size {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Int(n) => Ok(Size(n)),
+            Raw::Text(t) => t
+                .trim()
+                .parse::<bytesize::ByteSize>()
+                .map(|b| Size(b.as_u64()))
+                .map_err(|e| {
+                    serde::de::Error::custom(format!(
+                        "invalid size {t:?} ({e}); write a number and a unit, like \"512MiB\" or \"4GiB\""
+                    ))
+                }),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Names releases, the container project and legacy templates.
+    pub app: String,
+    pub state_dir: PathBuf,
+    /// `status.json` and `triggers/` live here.
+    pub runtime_dir: PathBuf,
+    pub environment_file: PathBuf,
+    pub source: SourceConfig,
+    pub s3: S3Config,
+    pub unpack: UnpackConfig,
+    pub releases: ReleasesConfig,
+    pub containers: ContainersConfig,
+    pub report: ReportConfig,
+    pub triggers: TriggersConfig,
+    pub daemon: DaemonConfig,
+    /// The file this configuration came from, if any.
+    #[serde(skip)]
+    pub path: Option<PathBuf>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            app: "express-api".into(),
+            state_dir: "/var/lib/deployd".into(),
+            runtime_dir: "/run/deployd".into(),
+            environment_file: "/etc/deployd/environment".into(),
+            source: SourceConfig::default(),
+            s3: S3Config::default(),
+            unpack: UnpackConfig::default(),
+            releases: ReleasesConfig::default(),
+            containers: ContainersConfig::default(),
+            report: ReportConfig::default(),
+            triggers: TriggersConfig::default(),
+            daemon: DaemonConfig::default(),
+            path: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SourceConfig {
+    /// Used when `DEPLOYMENT_BUCKET` / `DEPLOYMENT_KEY` are not set.
+    pub bucket: String,
+    pub key: String,
+    pub legacy_bucket: String,
+    pub legacy_key: String,
+    pub wait_for_artifact: HumanDuration,
+    pub max_artifact_size: Size,
+    pub required_metadata: Vec<String>,
+    pub public_key: Option<String>,
+    pub pointer_key: Option<String>,
+}
+
+impl Default for SourceConfig {
+    fn default() -> Self {
+        SourceConfig {
+            bucket: String::new(),
+            key: String::new(),
+            legacy_bucket: "macro-ai-deployment-artifacts-{account_id}".into(),
+            legacy_key: "express-api/pr-{pr_number}/express-api-deployment.tar.gz".into(),
+            wait_for_artifact: HumanDuration(Duration::from_secs(300)),
+            max_artifact_size: Size(4 << 30),
+            required_metadata: Vec::new(),
+            public_key: None,
+            pointer_key: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct S3Config {
+    /// Default: `AWS_REGION`, then the profile, then IMDS.
+    pub region: Option<String>,
+    /// Default: the SDK's own resolution (`AWS_ENDPOINT_URL_S3`, `AWS_ENDPOINT_URL`).
+    pub endpoint_url: Option<String>,
+    /// Forced on for IP-address and `localhost` endpoints.
+    pub force_path_style: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UnpackConfig {
+    pub max_entries: u64,
+    pub max_bytes: Size,
+    pub max_path_len: usize,
+}
+
+impl Default for UnpackConfig {
+    fn default() -> Self {
+        UnpackConfig {
+            max_entries: 200_000,
+            max_bytes: Size(16 << 30),
+            max_path_len: 4096,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReleasesConfig {
+    pub keep: usize,
+}
+
+impl Default for ReleasesConfig {
+    fn default() -> Self {
+        ReleasesConfig { keep: 5 }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ContainersConfig {
+    pub enabled: bool,
+    pub compose_file: String,
+    pub health_timeout: HumanDuration,
+    pub health_grace: HumanDuration,
+    pub clear_paths: Vec<String>,
+}
+
+impl Default for ContainersConfig {
+    fn default() -> Self {
+        ContainersConfig {
+            enabled: true,
+            compose_file: "docker-compose.yml".into(),
+            health_timeout: HumanDuration(Duration::from_secs(120)),
+            health_grace: HumanDuration(Duration::from_secs(5)),
+            clear_paths: vec![".next".into(), ".turbo".into(), "__pycache__".into()],
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReportConfig {
+    pub ec2_tags: bool,
+    pub tag_prefix: String,
+    pub metrics_file: Option<PathBuf>,
+    /// Default: the SDK's own resolution (`AWS_ENDPOINT_URL_EC2`, `AWS_ENDPOINT_URL`).
+    pub ec2_endpoint_url: Option<String>,
+}
+
+impl Default for ReportConfig {
+    fn default() -> Self {
+        ReportConfig {
+            ec2_tags: true,
+            tag_prefix: "deployd:".into(),
+            metrics_file: None,
+            ec2_endpoint_url: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TriggersConfig {
+    /// `0s` turns polling off.
+    pub poll_interval: HumanDuration,
+    /// Besides root, who may drop trigger files.
+    pub trusted_group: String,
+}
+
+impl Default for TriggersConfig {
+    fn default() -> Self {
+        TriggersConfig {
+            poll_interval: HumanDuration(Duration::ZERO),
+            trusted_group: String::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DaemonConfig {
+    /// How long `SIGTERM` may take to reach a safe stopping point.
+    pub stop_timeout: HumanDuration,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        DaemonConfig {
+            stop_timeout: HumanDuration(Duration::from_secs(30)),
+        }
+    }
+}
+
+impl Config {
+    /// Loads the configuration: `explicit` (from `--config` / `DEPLOYD_CONFIG`) must exist; the
+    /// default path may be absent, which means all defaults.
+    pub fn load(explicit: Option<&Path>) -> Result<Config, ConfigError> {
+        let (path, required) = match explicit {
+            Some(p) => (p.to_path_buf(), true),
+            None => (PathBuf::from(DEFAULT_PATH), false),
+        };
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => {
+                tracing::debug!(path = %path.display(), "no config file, using defaults");
+                let cfg = Config::default();
+                cfg.validate()?;
+                return Ok(cfg);
+            }
+            Err(source) => return Err(ConfigError::Read { path, source }),
+        };
+        let mut cfg = Self::parse(&text, &path)?;
+        cfg.path = Some(path);
+        Ok(cfg)
+    }
+
+    /// Parses and validates configuration text; `path` only names the file in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let mut cfg: Config = toml::from_str(text).map_err(|e| toml_error(path, text, &e))?;
+        cfg.path = Some(path.to_path_buf());
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn invalid(&self, key: &'static str, message: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            path: self
+                .path
+                .clone()
+                .unwrap_or_else(|| PathBuf::from("(defaults)")),
+            key,
+            message: message.into(),
+        }
+    }
+
+    /// Checks the values serde cannot: names, ranges, relative paths, URLs.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.app.is_empty()
+            || !self
+                .app
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        {
+            return Err(self.invalid(
+                "app",
+                format!(
+                    "{:?} must be a non-empty name of letters, digits, '-', '_' or '.'",
+                    self.app
+                ),
+            ));
+        }
+        for (key, dir) in [
+            ("state_dir", &self.state_dir),
+            ("runtime_dir", &self.runtime_dir),
+            ("environment_file", &self.environment_file),
+        ] {
+            if !dir.is_absolute() {
+                return Err(
+                    self.invalid(key, format!("{} must be an absolute path", dir.display()))
+                );
+            }
+        }
+        let pointer_key = self.source.pointer_key.as_deref().unwrap_or("");
+        if !self.source.key.is_empty() && !pointer_key.is_empty() {
+            return Err(self.invalid(
+                "source.pointer_key",
+                "and `source.key` cannot both be set: set `key` to stay on one artifact or `pointer_key` to follow a release pointer",
+            ));
+        }
+        if self.source.bucket.is_empty() != (self.source.key.is_empty() && pointer_key.is_empty()) {
+            return Err(self.invalid(
+                "source.bucket",
+                "and `source.key` (or `source.pointer_key`) must be set together (or all left empty)",
+            ));
+        }
+        if let Some(pk) = &self.source.public_key
+            && let Err(e) = crate::signature::parse_public_key(pk)
+        {
+            return Err(self.invalid("source.public_key", e));
+        }
+        if self.source.max_artifact_size.0 == 0 {
+            return Err(self.invalid("source.max_artifact_size", "must be greater than zero"));
+        }
+        if self.unpack.max_entries == 0 {
+            return Err(self.invalid("unpack.max_entries", "must be greater than zero"));
+        }
+        if self.unpack.max_bytes.0 == 0 {
+            return Err(self.invalid("unpack.max_bytes", "must be greater than zero"));
+        }
+        if self.unpack.max_path_len < 16 {
+            return Err(self.invalid("unpack.max_path_len", "must be at least 16"));
+        }
+        if self.releases.keep < 2 {
+            return Err(self.invalid(
+                "releases.keep",
+                "must be at least 2 (the serving release and the previous good one)",
+            ));
+        }
+        let compose = Path::new(&self.containers.compose_file);
+        if compose.is_absolute()
+            || compose
+                .components()
+                .any(|c| matches!(c, std::path::Component::ParentDir))
+        {
+            return Err(self.invalid(
+                "containers.compose_file",
+                "must be a path relative to the release, without `..`",
+            ));
+        }
+        for p in &self.containers.clear_paths {
+            let path = Path::new(p);
+            if p.is_empty()
+                || path.is_absolute()
+                || path
+                    .components()
+                    .any(|c| matches!(c, std::path::Component::ParentDir))
+            {
+                return Err(self.invalid(
+                    "containers.clear_paths",
+                    format!("entry {p:?} must be a relative path inside the release, without `..`"),
+                ));
+            }
+        }
+        if let Some(url) = &self.s3.endpoint_url
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            return Err(self.invalid(
+                "s3.endpoint_url",
+                format!("{url:?} must start with http:// or https://"),
+            ));
+        }
+        if let Some(url) = &self.report.ec2_endpoint_url
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            return Err(self.invalid(
+                "report.ec2_endpoint_url",
+                format!("{url:?} must start with http:// or https://"),
+            ));
+        }
+        if let Err(message) = crate::ec2tags::check_prefix(&self.report.tag_prefix) {
+            return Err(self.invalid("report.tag_prefix", message));
+        }
+        if let Some(file) = &self.report.metrics_file
+            && (!file.is_absolute() || file.file_name().is_none())
+        {
+            return Err(self.invalid(
+                "report.metrics_file",
+                format!("{} must be an absolute path to a file", file.display()),
+            ));
+        }
+        if !self.triggers.trusted_group.is_empty() {
+            self.trusted_gid()?;
+        }
+        Ok(())
+    }
+
+    /// The numeric id of `[triggers] trusted_group`, if one is configured.
+    pub fn trusted_gid(&self) -> Result<Option<u32>, ConfigError> {
+        let name = &self.triggers.trusted_group;
+        if name.is_empty() {
+            return Ok(None);
+        }
+        match nix::unistd::Group::from_name(name) {
+            Ok(Some(g)) => Ok(Some(g.gid.as_raw())),
+            Ok(None) => Err(self.invalid(
+                "triggers.trusted_group",
+                format!("names group {name:?}, which does not exist on this host"),
+            )),
+            Err(e) => Err(self.invalid(
+                "triggers.trusted_group",
+                format!("group {name:?} could not be looked up: {e}"),
+            )),
+        }
+    }
+}
+
+/// Turns a TOML error into one line naming the file, the line and (where it can be found) the
+/// dotted key, rather than the multi-line snippet `toml` prints.
+fn toml_error(path: &Path, text: &str, err: &toml::de::Error) -> ConfigError {
+    let offset = err.span().map(|s| s.start).unwrap_or(0).min(text.len());
+    let line_no = text[..offset].matches('\n').count() + 1;
+    let mut table = String::new();
+    let mut key = None;
+    for (i, line) in text.lines().enumerate() {
+        let trimmed = line.trim();
+        if i + 1 > line_no {
+            break;
+        }
+        if trimmed.starts_with('[') {
+            table = trimmed
+                .trim_matches(|c| c == '[' || c == ']')
+                .trim()
+                .to_string();
+            key = None;
+        }
+        if i + 1 == line_no
+            && let Some((k, _)) = trimmed.split_once('=')
+        {
+            let k = k.trim().trim_matches('"');
+            key = Some(if table.is_empty() {
+                k.to_string()
+            } else {
+                format!("{table}.{k}")
+            });
+        }
+    }
+    ConfigError::Parse {
+        path: path.to_path_buf(),
+        line: line_no,
+        key,
+        message: err.message().trim().replace('\n', " "),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("/etc/deployd/deployd.toml"))
+    }
+
+    #[test]
+    fn defaults_match_the_design() {
+        let c = parse("").unwrap();
+        assert_eq!(c.app, "express-api");
+        assert_eq!(c.source.wait_for_artifact.0, Duration::from_secs(300));
+        assert_eq!(c.source.max_artifact_size.0, 4 << 30);
+        assert_eq!(c.unpack.max_bytes.0, 16 << 30);
+        assert_eq!(c.releases.keep, 5);
+        assert_eq!(c.containers.health_timeout.0, Duration::from_secs(120));
+        assert_eq!(c.triggers.poll_interval.0, Duration::ZERO);
+    }
+
+    #[test]
+    fn unknown_key_names_the_key_and_line() {
+        let err = parse("app = \"x\"\n[source]\nbukket = \"b\"\n").unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("line 3"), "{msg}");
+        assert!(msg.contains("source.bukket"), "{msg}");
+        assert_eq!(err.exit_code(), 78);
+    }
+
+    #[test]
+    fn bad_duration_and_size_are_named() {
+        let msg = parse("[source]\nwait_for_artifact = \"5 parsecs\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("source.wait_for_artifact") && msg.contains("invalid duration"),
+            "{msg}"
+        );
+        let msg = parse("[unpack]\nmax_bytes = \"lots\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("unpack.max_bytes") && msg.contains("invalid size"),
+            "{msg}"
+        );
+        let c = parse("[unpack]\nmax_bytes = \"512MiB\"\nmax_entries = 10\n").unwrap();
+        assert_eq!(c.unpack.max_bytes.0, 512 << 20);
+    }
+
+    #[test]
+    fn values_are_validated() {
+        for (text, key) in [
+            ("app = \"a b\"", "app"),
+            ("state_dir = \"relative\"", "state_dir"),
+            ("[source]\nbucket = \"b\"", "source.bucket"),
+            ("[releases]\nkeep = 1", "releases.keep"),
+            (
+                "[containers]\ncompose_file = \"../x.yml\"",
+                "containers.compose_file",
+            ),
+            ("[s3]\nendpoint_url = \"127.0.0.1:9000\"", "s3.endpoint_url"),
+            ("[report]\ntag_prefix = \"aws:x\"", "report.tag_prefix"),
+            ("[report]\ntag_prefix = \"my app/\"", "report.tag_prefix"),
+            ("[report]\nmetrics_file = \"x.prom\"", "report.metrics_file"),
+            (
+                "[report]\nec2_endpoint_url = \"localhost:5000\"",
+                "report.ec2_endpoint_url",
+            ),
+            (
+                "[triggers]\ntrusted_group = \"no-such-group-deployd\"",
+                "triggers.trusted_group",
+            ),
+        ] {
+            let msg = parse(text).unwrap_err().to_string();
+            assert!(msg.contains(key), "{text:?} gave {msg}");
+        }
+    }
+}

@@ -1,0 +1,304 @@
+//! Clearing caches and keeping the disk from filling with old images.
+//!
+//! [`Engine::clear_cache`] is the operator's "start from scratch": it removes every tag of the
+//! project's images except the ones serving containers run (removing a tag also removes the
+//! classic builder's intermediate images below it), removes dangling images (the classic
+//! builder's leftovers; the engine cannot tell whose they are), prunes the BuildKit cache
+//! (`/build/prune`), deletes the configured app cache paths inside the given release directories,
+//! and leaves a marker file in each of them so that the next build, whose previous release is one
+//! of them, runs without cache and without `cache_from`. The build after that is warm again.
+//!
+//! App cache paths: an entry with a `/` is a path relative to the release directory; a bare name
+//! (`.next`, `__pycache__`) is removed wherever it occurs in the tree. Symlinks are removed, never
+//! followed, so nothing outside the release directory is touched.
+//!
+//! [`Engine::retain`] runs after a successful deployment: images built for releases that are no
+//! longer kept are removed, as are the project's dangling images. Images used by any container
+//! are never removed, so the serving release's images always stay; the caller keeps the previous
+//! good release in the list it passes.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+
+use bollard::query_parameters::{
+    ListImagesOptionsBuilder, PruneBuildOptionsBuilder, PruneImagesOptionsBuilder,
+    RemoveImageOptionsBuilder,
+};
+
+use super::CACHE_CLEARED_MARKER;
+use super::engine::Engine;
+use super::error::{ContainerError, is_not_found};
+
+/// What `clear_cache` removed.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ClearReport {
+    /// Image tags removed.
+    pub images_removed: Vec<String>,
+    /// Dangling images removed.
+    pub dangling_removed: usize,
+    /// Bytes the builder cache prune reclaimed.
+    pub build_cache_reclaimed: u64,
+    /// App cache paths deleted.
+    pub paths_removed: Vec<PathBuf>,
+}
+
+impl Engine {
+    /// Remove the project's images (but those serving containers use), the builder cache and the
+    /// app cache paths inside `release_dirs`.
+    pub async fn clear_cache(
+        &self,
+        project: &str,
+        release_dirs: &[PathBuf],
+        clear_paths: &[String],
+    ) -> Result<ClearReport, ContainerError> {
+        let mut report = ClearReport::default();
+        let in_use = self.images_in_use(project).await?;
+        for image in self.project_images(project, false).await? {
+            for tag in &image.repo_tags {
+                if tag == "<none>:<none>" || in_use.refs.contains(tag) {
+                    continue;
+                }
+                if self.remove_tag(tag).await? {
+                    report.images_removed.push(tag.clone());
+                }
+            }
+        }
+        let pruned = self
+            .docker
+            .prune_images(Some(
+                PruneImagesOptionsBuilder::new()
+                    .filters(&HashMap::from([("dangling", vec!["true"])]))
+                    .build(),
+            ))
+            .await
+            .map_err(|e| ContainerError::engine("pruning dangling images", e))?;
+        report.dangling_removed = pruned
+            .images_deleted
+            .unwrap_or_default()
+            .iter()
+            .filter(|d| d.deleted.is_some())
+            .count();
+        let build = self
+            .docker
+            .prune_build(Some(PruneBuildOptionsBuilder::new().all(true).build()))
+            .await
+            .map_err(|e| ContainerError::engine("pruning the builder cache", e))?;
+        report.build_cache_reclaimed = build
+            .space_reclaimed
+            .and_then(|s| u64::try_from(s).ok())
+            .unwrap_or(0);
+        for dir in release_dirs {
+            remove_cache_paths(dir, clear_paths, &mut report.paths_removed)?;
+            let marker = dir.join(CACHE_CLEARED_MARKER);
+            let stamp = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or_default();
+            std::fs::write(&marker, format!("{stamp}\n")).map_err(|source| {
+                ContainerError::WriteFile {
+                    path: marker,
+                    source,
+                }
+            })?;
+        }
+        tracing::info!(
+            project,
+            images = report.images_removed.len(),
+            dangling = report.dangling_removed,
+            build_cache_bytes = report.build_cache_reclaimed,
+            paths = report.paths_removed.len(),
+            "caches cleared"
+        );
+        Ok(report)
+    }
+
+    /// Remove images of releases not in `keep_release_ids` and the project's dangling images;
+    /// returns how many images (tags or dangling ids) were removed.
+    pub async fn retain(
+        &self,
+        project: &str,
+        keep_release_ids: &[String],
+    ) -> Result<usize, ContainerError> {
+        let in_use = self.images_in_use(project).await?;
+        let keep: BTreeSet<&str> = keep_release_ids.iter().map(String::as_str).collect();
+        let mut removed = 0;
+        for image in self.project_images(project, false).await? {
+            let release = image.labels.get("deployd.release").map(String::as_str);
+            if in_use.ids.contains(&image.id) || release.is_none_or(|r| keep.contains(r)) {
+                continue;
+            }
+            for tag in &image.repo_tags {
+                if tag != "<none>:<none>" && self.remove_tag(tag).await? {
+                    tracing::info!(project, image = %tag, release = ?release, "removed old release image");
+                    removed += 1;
+                }
+            }
+        }
+        for image in self.project_images(project, true).await? {
+            if in_use.ids.contains(&image.id) {
+                continue;
+            }
+            if self.remove_tag(&image.id).await? {
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Images labelled for the project (`dangling` selects the untagged ones).
+    async fn project_images(
+        &self,
+        project: &str,
+        dangling: bool,
+    ) -> Result<Vec<bollard::models::ImageSummary>, ContainerError> {
+        let mut filters: HashMap<&str, Vec<String>> =
+            HashMap::from([("label", vec![format!("deployd.project={project}")])]);
+        if dangling {
+            filters.insert("dangling", vec!["true".into()]);
+        }
+        self.docker
+            .list_images(Some(
+                ListImagesOptionsBuilder::new().filters(&filters).build(),
+            ))
+            .await
+            .map_err(|e| ContainerError::engine(format!("listing images of {project}"), e))
+    }
+
+    /// Image references and ids used by any container of the project.
+    async fn images_in_use(&self, project: &str) -> Result<InUse, ContainerError> {
+        let mut in_use = InUse::default();
+        for c in self.project_containers(project).await? {
+            if let Some(r) = c.image {
+                in_use.refs.insert(r);
+            }
+            if let Some(id) = c.image_id {
+                in_use.ids.insert(id);
+            }
+        }
+        // Other projects' containers may share an image by id; never remove those either.
+        let all = self
+            .docker
+            .list_containers(Some(
+                bollard::query_parameters::ListContainersOptionsBuilder::new()
+                    .all(true)
+                    .build(),
+            ))
+            .await
+            .map_err(|e| ContainerError::engine("listing containers", e))?;
+        in_use
+            .ids
+            .extend(all.into_iter().filter_map(|c| c.image_id));
+        Ok(in_use)
+    }
+
+    /// Untag (and, for the last tag, delete) an image; `false` when it is in use or gone.
+    async fn remove_tag(&self, tag: &str) -> Result<bool, ContainerError> {
+        match self
+            .docker
+            .remove_image(
+                tag,
+                Some(
+                    RemoveImageOptionsBuilder::new()
+                        .force(false)
+                        .noprune(false)
+                        .build(),
+                ),
+                None,
+            )
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e) if is_not_found(&e) => Ok(false),
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 409,
+                message,
+            }) => {
+                tracing::debug!(image = tag, %message, "image in use, kept");
+                Ok(false)
+            }
+            Err(e) => Err(ContainerError::engine(format!("removing image {tag}"), e)),
+        }
+    }
+}
+
+#[derive(Default)]
+struct InUse {
+    refs: BTreeSet<String>,
+    ids: BTreeSet<String>,
+}
+
+/// Delete the app cache paths below a release directory.
+fn remove_cache_paths(
+    dir: &Path,
+    clear_paths: &[String],
+    removed: &mut Vec<PathBuf>,
+) -> Result<(), ContainerError> {
+    let (relative, names): (Vec<&String>, Vec<&String>) =
+        clear_paths.iter().partition(|p| p.contains('/'));
+    for rel in relative {
+        let rel_path = Path::new(rel.trim_start_matches('/'));
+        if rel_path
+            .components()
+            .any(|c| !matches!(c, std::path::Component::Normal(_)))
+        {
+            continue;
+        }
+        remove_entry(&dir.join(rel_path), removed)?;
+    }
+    if names.is_empty() {
+        return Ok(());
+    }
+    let names: BTreeSet<&str> = names.iter().map(|s| s.as_str()).collect();
+    walk_remove(dir, &names, removed)
+}
+
+fn walk_remove(
+    dir: &Path,
+    names: &BTreeSet<&str>,
+    removed: &mut Vec<PathBuf>,
+) -> Result<(), ContainerError> {
+    let read_err = |source| ContainerError::ReadFile {
+        path: dir.to_path_buf(),
+        source,
+    };
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(read_err(e)),
+    };
+    for entry in entries {
+        let entry = entry.map_err(read_err)?;
+        let path = entry.path();
+        let file_type = entry.file_type().map_err(read_err)?;
+        if names.contains(entry.file_name().to_string_lossy().as_ref()) {
+            remove_entry(&path, removed)?;
+        } else if file_type.is_dir() {
+            walk_remove(&path, names, removed)?;
+        }
+    }
+    Ok(())
+}
+
+fn remove_entry(path: &Path, removed: &mut Vec<PathBuf>) -> Result<(), ContainerError> {
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(source) => {
+            return Err(ContainerError::ReadFile {
+                path: path.to_path_buf(),
+                source,
+            });
+        }
+    };
+    let result = if meta.is_dir() {
+        std::fs::remove_dir_all(path)
+    } else {
+        std::fs::remove_file(path)
+    };
+    result.map_err(|source| ContainerError::WriteFile {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    removed.push(path.to_path_buf());
+    Ok(())
+}

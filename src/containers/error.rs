@@ -1,0 +1,190 @@
+//! Errors of the container stage, each naming what was being acted on and mapping to a sysexits
+//! exit code: 65 for a bad compose file or a failed build, 69 for an engine that does not answer,
+//! 75 for a release that did not become healthy (and was rolled back), 70 for everything else.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Exit code for bad input data (sysexits `EX_DATAERR`).
+pub const EXIT_DATAERR: i32 = 65;
+/// Exit code for a dependency that stayed unavailable (sysexits `EX_UNAVAILABLE`).
+pub const EXIT_UNAVAILABLE: i32 = 69;
+/// Exit code for an internal error (sysexits `EX_SOFTWARE`).
+pub const EXIT_SOFTWARE: i32 = 70;
+/// Exit code for a temporary failure (sysexits `EX_TEMPFAIL`).
+pub const EXIT_TEMPFAIL: i32 = 75;
+
+/// Everything that can go wrong while building and running a release's containers.
+#[derive(Debug, thiserror::Error)]
+pub enum ContainerError {
+    /// The compose file could not be read.
+    #[error("cannot read compose file {path}: {source}")]
+    ComposeRead {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The compose file is not valid YAML or not a mapping.
+    #[error("compose file {path} is not valid: {message}")]
+    ComposeSyntax { path: PathBuf, message: String },
+    /// A key deployd does not support; nothing was built or stopped.
+    #[error(
+        "compose file {path}: service `{service}` uses unsupported key `{key}`; remove it or use one of the supported keys"
+    )]
+    UnsupportedKey {
+        path: PathBuf,
+        service: String,
+        key: String,
+    },
+    /// A supported key with a value deployd cannot use.
+    #[error("compose file {path}: service `{service}`, key `{key}`: {message}")]
+    InvalidValue {
+        path: PathBuf,
+        service: String,
+        key: String,
+        message: String,
+    },
+    /// `${VAR:?message}` with VAR unset, or a malformed `${...}`.
+    #[error("compose file {path}: cannot interpolate `{expression}`: {message}")]
+    Interpolation {
+        path: PathBuf,
+        expression: String,
+        message: String,
+    },
+    /// A file the build or the run needs could not be read (context, env_file, .dockerignore).
+    #[error("cannot read {path}: {source}")]
+    ReadFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A writable path (app cache path, marker file) could not be changed.
+    #[error("cannot change {path}: {source}")]
+    WriteFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The Docker build of a service failed; the serving containers were not touched.
+    #[error(
+        "build of service `{service}` (image {image}) failed: {message}; the serving release was left running"
+    )]
+    BuildFailed {
+        service: String,
+        image: String,
+        message: String,
+    },
+    /// An image a service runs is not present and could not be pulled.
+    #[error("image {image} for service `{service}` is not available: {message}")]
+    ImageMissing {
+        service: String,
+        image: String,
+        message: String,
+    },
+    /// The engine never answered within the startup bound.
+    #[error(
+        "the Docker engine did not answer within {waited:?} ({message}); start it (systemctl start docker) or check DOCKER_HOST"
+    )]
+    EngineUnavailable { waited: Duration, message: String },
+    /// An engine call failed.
+    #[error("Docker engine call failed while {action}: {source}")]
+    Engine {
+        action: String,
+        #[source]
+        source: bollard::errors::Error,
+    },
+    /// The new release did not become healthy and the previous one was started again.
+    #[error(
+        "release {release} was rolled back to {previous}: service `{service}` did not become healthy ({reason})"
+    )]
+    RolledBack {
+        release: String,
+        previous: String,
+        service: String,
+        reason: String,
+    },
+    /// The new release did not become healthy and there was nothing to roll back to.
+    #[error(
+        "release {release}: service `{service}` did not become healthy ({reason}) and there is no previous release to roll back to"
+    )]
+    UnhealthyNoPrevious {
+        release: String,
+        service: String,
+        reason: String,
+    },
+    /// The new release failed and starting the previous one failed as well.
+    #[error(
+        "release {release}: service `{service}` did not become healthy ({reason}) and rolling back to {previous} failed too: {rollback_error}"
+    )]
+    RollbackFailed {
+        release: String,
+        previous: String,
+        service: String,
+        reason: String,
+        rollback_error: String,
+    },
+    /// A service did not become healthy while starting a release on demand (rollback).
+    #[error("release {release}: service `{service}` did not become healthy: {reason}")]
+    Unhealthy {
+        release: String,
+        service: String,
+        reason: String,
+    },
+    /// A background task panicked or was cancelled.
+    #[error("internal error while {action}: {message}")]
+    Internal { action: String, message: String },
+}
+
+impl ContainerError {
+    /// The sysexits code the CLI exits with for this error.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Self::ComposeSyntax { .. }
+            | Self::UnsupportedKey { .. }
+            | Self::InvalidValue { .. }
+            | Self::Interpolation { .. }
+            | Self::BuildFailed { .. } => EXIT_DATAERR,
+            Self::ComposeRead { .. } | Self::ReadFile { .. } => EXIT_DATAERR,
+            Self::EngineUnavailable { .. } => EXIT_UNAVAILABLE,
+            Self::Engine { source, .. } if is_connection_error(source) => EXIT_UNAVAILABLE,
+            Self::ImageMissing { .. } => EXIT_UNAVAILABLE,
+            Self::RolledBack { .. } | Self::UnhealthyNoPrevious { .. } | Self::Unhealthy { .. } => {
+                EXIT_TEMPFAIL
+            }
+            Self::RollbackFailed { .. }
+            | Self::Engine { .. }
+            | Self::WriteFile { .. }
+            | Self::Internal { .. } => EXIT_SOFTWARE,
+        }
+    }
+
+    pub(crate) fn engine(action: impl Into<String>, source: bollard::errors::Error) -> Self {
+        Self::Engine {
+            action: action.into(),
+            source,
+        }
+    }
+}
+
+/// Whether a bollard error means the engine could not be reached at all.
+pub(crate) fn is_connection_error(e: &bollard::errors::Error) -> bool {
+    use bollard::errors::Error as E;
+    matches!(
+        e,
+        E::IOError { .. }
+            | E::HyperResponseError { .. }
+            | E::RequestTimeoutError
+            | E::SocketNotFoundError(_)
+    )
+}
+
+/// Whether a bollard error is the engine saying "no such object" (HTTP 404).
+pub(crate) fn is_not_found(e: &bollard::errors::Error) -> bool {
+    matches!(
+        e,
+        bollard::errors::Error::DockerResponseServerError {
+            status_code: 404,
+            ..
+        }
+    )
+}

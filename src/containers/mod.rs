@@ -1,0 +1,106 @@
+//! The container stage: build a release's images and run them, health-gated, with rollback.
+//!
+//! A release directory ships a `docker-compose.yml` and Dockerfiles. This module turns them into
+//! running containers through the Docker Engine API (bollard), in four steps the agent calls in
+//! order:
+//!
+//! 1. [`Engine::load_project`] parses and validates the compose file (a documented subset; any
+//!    other key is an error naming the service and key, exit 65) and interpolates variables from
+//!    the release's `.env` and the environment file. No engine call, nothing built.
+//! 2. [`Engine::build`] builds every service with `build:` with the classic builder, `cache_from`
+//!    the previous release's image, and reports cache hits per service. A failed build stops here:
+//!    nothing has been stopped, the serving release keeps serving.
+//! 3. [`Engine::up`] recreates only the services whose image or configuration changed, in
+//!    `depends_on` order, waits for each to be healthy, and on failure removes what it created and
+//!    starts the previous release again from its release-tagged images (exit 75).
+//! 4. [`Engine::retain`] removes the images of releases no longer kept.
+//!
+//! [`Engine::rollback`] starts a given release on demand and [`Engine::clear_cache`] removes the
+//! project's images, the builder cache and the app cache paths.
+//!
+//! Images are tagged `<image-repo>:<release-id>` besides their compose `image:`; containers are
+//! named `<project>-<service>-1` and labelled like `docker compose` does, plus `deployd.release`.
+//! [`Engine::connect`] waits for the engine at startup and explains the builder choice (see
+//! [`engine`]).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+pub mod build;
+pub mod cache;
+pub mod compose;
+pub mod context;
+pub mod engine;
+pub mod error;
+pub mod run;
+
+pub use build::{BuildReport, ServiceBuild};
+pub use cache::ClearReport;
+pub use compose::{Project, Service};
+pub use engine::{Builder, BuilderDecision, Engine, EngineFacts};
+pub use error::ContainerError;
+pub use run::{ServiceUp, UpAction, UpReport};
+
+/// Marker `clear_cache` leaves in release directories: the next build from one of them as the
+/// previous release runs without cache.
+pub const CACHE_CLEARED_MARKER: &str = ".deployd-cache-cleared";
+
+/// The `[containers]` settings the stage uses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerSettings {
+    /// Compose file, relative to the release directory.
+    pub compose_file: String,
+    /// How long each service may take to become healthy.
+    pub health_timeout: Duration,
+    /// How long a service without healthcheck must keep running to count as healthy.
+    pub health_grace: Duration,
+    /// App cache paths `clear_cache` deletes inside release directories.
+    pub clear_paths: Vec<String>,
+}
+
+impl Default for ContainerSettings {
+    fn default() -> Self {
+        ContainerSettings {
+            compose_file: "docker-compose.yml".into(),
+            health_timeout: Duration::from_secs(120),
+            health_grace: Duration::from_secs(5),
+            clear_paths: vec![".next".into(), ".turbo".into(), "__pycache__".into()],
+        }
+    }
+}
+
+/// A release as the container stage sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReleaseRef<'a> {
+    /// Release id: names the release-tagged images (`<image-repo>:<id>`), so it must be a valid
+    /// image tag.
+    pub id: &'a str,
+    /// The unpacked release directory.
+    pub dir: &'a Path,
+    /// The commit it was built from, passed as `GIT_COMMIT_HASH`.
+    pub commit: Option<&'a str>,
+}
+
+impl Engine {
+    /// Parse and validate a release's compose file; no engine calls.
+    pub fn load_project(
+        project: &str,
+        release: &ReleaseRef<'_>,
+        env: &BTreeMap<String, String>,
+        settings: &ContainerSettings,
+    ) -> Result<Project, ContainerError> {
+        if !compose::valid_tag(release.id) {
+            return Err(ContainerError::InvalidValue {
+                path: release.dir.join(&settings.compose_file),
+                service: "(release)".into(),
+                key: "id".into(),
+                message: format!(
+                    "release id `{}` cannot be an image tag (letters, digits, `_`, `.`, `-`)",
+                    release.id
+                ),
+            });
+        }
+        compose::load(project, release.dir, &settings.compose_file, env)
+    }
+}

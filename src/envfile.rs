@@ -1,0 +1,170 @@
+//! The environment file, `/etc/deployd/environment`.
+//!
+//! cloud-init writes it from user-data; systemd loads it as `EnvironmentFile=`. deployd
+//! re-reads it at **every** deployment, because `systemctl reload` does not re-read an
+//! `EnvironmentFile`, and a new `DEPLOYMENT_KEY` written there must take effect on reload.
+//!
+//! The syntax is the one systemd accepts and operators write by hand: `KEY=value` lines, blank
+//! lines and `#`/`;` comments, an optional `export ` prefix, and values in single quotes
+//! (literal) or double quotes (with `\"`, `\\`, `\n` escapes). A missing file is an empty
+//! environment; an unreadable one is a configuration error.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use crate::exit;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EnvFileError {
+    #[error("cannot read environment file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("environment file {path}, line {line}: {message}")]
+    Syntax {
+        path: PathBuf,
+        line: usize,
+        message: String,
+    },
+}
+
+impl EnvFileError {
+    pub fn exit_code(&self) -> i32 {
+        exit::CONFIG
+    }
+}
+
+/// The variables of one environment file, plus where they came from.
+#[derive(Debug, Clone, Default)]
+pub struct EnvFile {
+    pub path: PathBuf,
+    pub vars: BTreeMap<String, String>,
+}
+
+impl EnvFile {
+    /// Reads and parses `path`; a missing file yields an empty environment.
+    pub fn load(path: &Path) -> Result<EnvFile, EnvFileError> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => Self::parse(&text, path),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                tracing::debug!(path = %path.display(), "no environment file");
+                Ok(EnvFile {
+                    path: path.to_path_buf(),
+                    vars: BTreeMap::new(),
+                })
+            }
+            Err(source) => Err(EnvFileError::Read {
+                path: path.to_path_buf(),
+                source,
+            }),
+        }
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<EnvFile, EnvFileError> {
+        let mut vars = BTreeMap::new();
+        for (i, raw) in text.lines().enumerate() {
+            let syntax = |message: String| EnvFileError::Syntax {
+                path: path.to_path_buf(),
+                line: i + 1,
+                message,
+            };
+            let line = raw.trim();
+            if line.is_empty() || line.starts_with('#') || line.starts_with(';') {
+                continue;
+            }
+            let line = line.strip_prefix("export ").unwrap_or(line).trim_start();
+            let Some((key, value)) = line.split_once('=') else {
+                return Err(syntax(format!("expected KEY=value, found {line:?}")));
+            };
+            let key = key.trim();
+            if key.is_empty()
+                || key.starts_with(|c: char| c.is_ascii_digit())
+                || !key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+            {
+                return Err(syntax(format!("{key:?} is not a valid variable name")));
+            }
+            vars.insert(key.to_string(), unquote(value.trim()).map_err(syntax)?);
+        }
+        Ok(EnvFile {
+            path: path.to_path_buf(),
+            vars,
+        })
+    }
+
+    /// A non-empty value for `key`.
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.vars
+            .get(key)
+            .map(String::as_str)
+            .filter(|v| !v.is_empty())
+    }
+}
+
+fn unquote(value: &str) -> Result<String, String> {
+    if let Some(rest) = value.strip_prefix('\'') {
+        return rest
+            .strip_suffix('\'')
+            .map(str::to_string)
+            .ok_or_else(|| "unterminated single quote".to_string());
+    }
+    if let Some(rest) = value.strip_prefix('"') {
+        let mut out = String::with_capacity(rest.len());
+        let mut chars = rest.chars();
+        while let Some(c) = chars.next() {
+            match c {
+                '"' => {
+                    return if chars.as_str().trim().is_empty() {
+                        Ok(out)
+                    } else {
+                        Err("text after the closing double quote".into())
+                    };
+                }
+                '\\' => match chars.next() {
+                    Some('n') => out.push('\n'),
+                    Some(c) => out.push(c),
+                    None => break,
+                },
+                c => out.push(c),
+            }
+        }
+        return Err("unterminated double quote".into());
+    }
+    // Unquoted: a trailing ` # comment` is not part of the value.
+    let value = match value.find(" #") {
+        Some(i) => value[..i].trim_end(),
+        None => value,
+    };
+    Ok(value.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_what_cloud_init_and_people_write() {
+        let text = "# written by cloud-init\n\nDEPLOYMENT_BUCKET=my-bucket\nexport DEPLOYMENT_KEY='app/pr-51/a b.tar.gz'\nPR_NUMBER=\"51\" \nQUOTED=\"say \\\"hi\\\"\"\nEMPTY=\nURL=https://x/?a=b # note\n; also a comment\n";
+        let env = EnvFile::parse(text, Path::new("/e")).unwrap();
+        assert_eq!(env.get("DEPLOYMENT_BUCKET"), Some("my-bucket"));
+        assert_eq!(env.get("DEPLOYMENT_KEY"), Some("app/pr-51/a b.tar.gz"));
+        assert_eq!(env.get("PR_NUMBER"), Some("51"));
+        assert_eq!(env.get("QUOTED"), Some("say \"hi\""));
+        assert_eq!(env.get("EMPTY"), None);
+        assert_eq!(env.get("URL"), Some("https://x/?a=b"));
+    }
+
+    #[test]
+    fn errors_name_the_line() {
+        let err = EnvFile::parse("A=1\nnot a pair\n", Path::new("/e")).unwrap_err();
+        assert!(err.to_string().contains("line 2"), "{err}");
+        let err = EnvFile::parse("A='open\n", Path::new("/e")).unwrap_err();
+        assert!(err.to_string().contains("unterminated"), "{err}");
+        let err = EnvFile::parse("1A=x\n", Path::new("/e")).unwrap_err();
+        assert!(
+            err.to_string().contains("not a valid variable name"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,261 @@
+//! Fetch: download exactly the verified bytes, streaming, hashing as they arrive.
+//!
+//! One GET, pinned with `If-Match: <etag>` and `versionId` when the bucket is versioned, so a
+//! key that CI overwrites after `verify` yields a 412 instead of a mix of two artifacts. The
+//! SDK retries the request itself; if the body breaks off midway, the download resumes with a
+//! `Range` request under the same pin (a bounded number of times). The body is hashed with
+//! SHA-256 on the fly and handed to the unpacker through a bounded channel, so memory stays
+//! flat whatever the artifact's size.
+//!
+//! [`ChannelReader`] is the blocking side of that channel: the unpacker reads from it like a
+//! file. If the download stops early it reports an error instead of a clean end of file, so a
+//! cut-off download can never look like a complete archive.
+
+use std::io::{self, Read};
+use std::time::Duration;
+
+use aws_sdk_s3::Client;
+use bytes::{Buf, Bytes};
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+
+use crate::exit;
+use crate::imds::error_chain;
+use crate::verify::Verified;
+
+/// How often a broken body may be resumed before the download gives up.
+const MAX_RESUMES: u32 = 5;
+/// Chunks in flight between the download and the unpacker.
+pub const CHANNEL_DEPTH: usize = 64;
+
+/// One message from the download to the unpacker.
+#[derive(Debug)]
+pub enum Chunk {
+    Data(Bytes),
+    /// The whole object has been received.
+    End,
+}
+
+/// The download's result.
+#[derive(Debug, Clone)]
+pub struct Downloaded {
+    /// Lower-case hex SHA-256 of the bytes received.
+    pub sha256: String,
+    pub bytes: u64,
+    pub resumes: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error(
+        "s3://{bucket}/{key} changed after it was verified (ETag {etag} no longer matches); nothing from it was used"
+    )]
+    Replaced {
+        bucket: String,
+        key: String,
+        etag: String,
+    },
+    #[error("downloading s3://{bucket}/{key} failed: {reason}")]
+    Unavailable {
+        bucket: String,
+        key: String,
+        reason: String,
+    },
+    #[error(
+        "downloading s3://{bucket}/{key} returned {got} bytes where head-object reported {expected}"
+    )]
+    SizeMismatch {
+        bucket: String,
+        key: String,
+        expected: u64,
+        got: u64,
+    },
+    /// The unpacker stopped reading (it failed); its error is the one to report.
+    #[error("the unpacker stopped reading")]
+    ConsumerGone,
+}
+
+impl FetchError {
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            FetchError::Replaced { .. } => exit::TEMPFAIL,
+            FetchError::Unavailable { .. } => exit::UNAVAILABLE,
+            FetchError::SizeMismatch { .. } => exit::DATAERR,
+            FetchError::ConsumerGone => exit::SOFTWARE,
+        }
+    }
+}
+
+/// Downloads `v` into `tx`, calling `progress(bytes_so_far)` as data arrives.
+pub async fn download(
+    s3: &Client,
+    v: &Verified,
+    tx: mpsc::Sender<Chunk>,
+    progress: &mut (dyn FnMut(u64) + Send),
+) -> Result<Downloaded, FetchError> {
+    download_observed(s3, v, tx, progress, &mut |_| {}).await
+}
+
+/// [`download`], also handing every byte, in order and exactly once, to `observe` (a
+/// signature verifier, for example) as it is hashed.
+pub async fn download_observed(
+    s3: &Client,
+    v: &Verified,
+    tx: mpsc::Sender<Chunk>,
+    progress: &mut (dyn FnMut(u64) + Send),
+    observe: &mut (dyn FnMut(&[u8]) + Send),
+) -> Result<Downloaded, FetchError> {
+    let unavailable = |reason: String| FetchError::Unavailable {
+        bucket: v.bucket.clone(),
+        key: v.key.clone(),
+        reason,
+    };
+    let mut hasher = Sha256::new();
+    let mut offset = 0u64;
+    let mut resumes = 0u32;
+    loop {
+        let mut req = s3.get_object().bucket(&v.bucket).key(&v.key);
+        if !v.etag.is_empty() {
+            req = req.if_match(&v.etag);
+        }
+        if let Some(version) = &v.version_id {
+            req = req.version_id(version);
+        }
+        if offset > 0 {
+            req = req.range(format!("bytes={offset}-"));
+        }
+        let resp = match req.send().await {
+            Ok(r) => r,
+            Err(e) => {
+                let status = e.raw_response().map(|r| r.status().as_u16());
+                return Err(match status {
+                    Some(412) | Some(404) => FetchError::Replaced {
+                        bucket: v.bucket.clone(),
+                        key: v.key.clone(),
+                        etag: v.etag.clone(),
+                    },
+                    _ => unavailable(error_chain(&e)),
+                });
+            }
+        };
+        if offset > 0 {
+            let expected = format!("bytes {offset}-");
+            if !resp
+                .content_range()
+                .is_some_and(|r| r.starts_with(&expected))
+            {
+                return Err(unavailable(format!(
+                    "the server ignored the Range request when resuming at byte {offset}"
+                )));
+            }
+        }
+        let mut body = resp.body;
+        let broken = loop {
+            match body.next().await {
+                Some(Ok(mut chunk)) => {
+                    if offset + chunk.len() as u64 > v.size {
+                        return Err(FetchError::SizeMismatch {
+                            bucket: v.bucket.clone(),
+                            key: v.key.clone(),
+                            expected: v.size,
+                            got: offset + chunk.len() as u64,
+                        });
+                    }
+                    hasher.update(&chunk);
+                    observe(&chunk);
+                    offset += chunk.len() as u64;
+                    progress(offset);
+                    let data = chunk.copy_to_bytes(chunk.len());
+                    tx.send(Chunk::Data(data))
+                        .await
+                        .map_err(|_| FetchError::ConsumerGone)?;
+                }
+                Some(Err(e)) => break Some(error_chain(&e)),
+                None => break None,
+            }
+        };
+        match broken {
+            // Every byte arrived; an error after the last one changes nothing, since the digest
+            // of what arrived is checked against the expected one.
+            trailing if offset == v.size => {
+                if let Some(reason) = trailing {
+                    tracing::debug!(error = %reason, "body ended with an error after the last byte");
+                }
+                tx.send(Chunk::End)
+                    .await
+                    .map_err(|_| FetchError::ConsumerGone)?;
+                return Ok(Downloaded {
+                    sha256: hex::encode(hasher.finalize()),
+                    bytes: offset,
+                    resumes,
+                });
+            }
+            None => {
+                return Err(FetchError::SizeMismatch {
+                    bucket: v.bucket.clone(),
+                    key: v.key.clone(),
+                    expected: v.size,
+                    got: offset,
+                });
+            }
+            Some(reason) if resumes < MAX_RESUMES => {
+                resumes += 1;
+                tracing::warn!(
+                    bucket = %v.bucket,
+                    key = %v.key,
+                    offset,
+                    resumes,
+                    error = %reason,
+                    "download broke off, resuming with a range request"
+                );
+                tokio::time::sleep(Duration::from_millis(200 * u64::from(resumes))).await;
+            }
+            Some(reason) => {
+                return Err(unavailable(format!(
+                    "{reason} (after {resumes} resumed attempts, at byte {offset})"
+                )));
+            }
+        }
+    }
+}
+
+/// The unpacker's end of the download channel, read like a file from a blocking thread.
+pub struct ChannelReader {
+    rx: mpsc::Receiver<Chunk>,
+    current: Bytes,
+    done: bool,
+}
+
+impl ChannelReader {
+    pub fn new(rx: mpsc::Receiver<Chunk>) -> Self {
+        ChannelReader {
+            rx,
+            current: Bytes::new(),
+            done: false,
+        }
+    }
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.current.is_empty() {
+            if self.done {
+                return Ok(0);
+            }
+            match self.rx.blocking_recv() {
+                Some(Chunk::Data(b)) => self.current = b,
+                Some(Chunk::End) => self.done = true,
+                None => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the download stopped before the end of the artifact",
+                    ));
+                }
+            }
+        }
+        let n = buf.len().min(self.current.len());
+        buf[..n].copy_from_slice(&self.current[..n]);
+        self.current.advance(n);
+        Ok(n)
+    }
+}

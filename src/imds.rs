@@ -1,0 +1,119 @@
+//! Instance identity from the EC2 instance metadata service, IMDSv2 only.
+//!
+//! The `aws-config` IMDS client always fetches a session token first (PUT) and sends it with
+//! every GET; it never falls back to IMDSv1. It honours `AWS_EC2_METADATA_SERVICE_ENDPOINT`
+//! (tests point it at a local server). `AWS_EC2_METADATA_DISABLED=true` switches it off. The
+//! identity document is fetched at most once per process and only when something needs it
+//! (a legacy template placeholder), so a laptop or a Lightsail instance without IMDS pays
+//! nothing until then, and then gets one clear sentence.
+//!
+//! The same handle carries this instance's EC2 tags ([`crate::ec2tags`]), which need the
+//! identity (instance id, region) and fill `{tag:NAME}` placeholders in legacy templates.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+use tokio::sync::OnceCell;
+
+use crate::ec2tags::Ec2Tags;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ImdsError {
+    #[error("the instance metadata service is disabled (AWS_EC2_METADATA_DISABLED=true)")]
+    Disabled,
+    #[error("the instance metadata service (IMDSv2) did not answer: {0}")]
+    Unreachable(String),
+    #[error("the instance identity document from IMDS could not be read: {0}")]
+    BadDocument(String),
+}
+
+/// What IMDS says about this instance.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Identity {
+    pub account_id: String,
+    pub region: String,
+    pub instance_id: String,
+    pub availability_zone: String,
+}
+
+/// A lazily-connected IMDSv2 client whose answer is cached for the life of the process.
+#[derive(Debug, Default)]
+pub struct Imds {
+    identity: OnceCell<Result<Identity, ImdsError>>,
+    tags: Option<Ec2Tags>,
+}
+
+fn disabled() -> bool {
+    std::env::var("AWS_EC2_METADATA_DISABLED")
+        .map(|v| v.eq_ignore_ascii_case("true"))
+        .unwrap_or(false)
+}
+
+impl Imds {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// An IMDS handle that can also read and write this instance's EC2 tags.
+    pub fn with_tags(tags: Ec2Tags) -> Self {
+        Imds {
+            identity: OnceCell::new(),
+            tags: Some(tags),
+        }
+    }
+
+    /// This instance's EC2 tags, when this handle was built with them.
+    pub fn tags(&self) -> Option<&Ec2Tags> {
+        self.tags.as_ref()
+    }
+
+    /// The value of instance tag `name` (read once per deployment with `DescribeTags`).
+    pub async fn tag(&self, name: &str) -> Result<String, String> {
+        match &self.tags {
+            Some(tags) => tags.tag(self, name).await,
+            None => Err("instance tags are not available to this command".into()),
+        }
+    }
+
+    /// The instance identity document (account, region, instance id, zone).
+    pub async fn identity(&self) -> Result<&Identity, ImdsError> {
+        self.identity
+            .get_or_init(|| async {
+                if disabled() {
+                    return Err(ImdsError::Disabled);
+                }
+                let client = aws_config::imds::Client::builder()
+                    .max_attempts(2)
+                    .connect_timeout(Duration::from_secs(1))
+                    .read_timeout(Duration::from_secs(2))
+                    .build();
+                let doc = client
+                    .get("/latest/dynamic/instance-identity/document")
+                    .await
+                    .map_err(|e| ImdsError::Unreachable(error_chain(&e)))?;
+                let identity: Identity = serde_json::from_str(doc.as_ref())
+                    .map_err(|e| ImdsError::BadDocument(e.to_string()))?;
+                tracing::debug!(instance_id = %identity.instance_id, region = %identity.region, "instance identity from IMDSv2");
+                Ok(identity)
+            })
+            .await
+            .as_ref()
+            .map_err(Clone::clone)
+    }
+}
+
+/// Renders an error and its causes on one line: `outer: cause: root cause`.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}

@@ -1,0 +1,5 @@
+//! The `deployd` binary: parse the command line, run the command, exit with its code.
+
+fn main() {
+    std::process::exit(deployd::cli::main());
+}

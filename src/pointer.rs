@@ -1,0 +1,242 @@
+//! Release pointers: a small JSON object that names the artifact an environment should run.
+//!
+//! `deployd publish --pointer` writes `{app}/{environment}/current.json` as its very last step,
+//! after the artifact (and its signature) have landed and been checked:
+//!
+//! ```json
+//! {"key": "web/prod/622d2103-20261105-101500/web-deployment.tar.gz",
+//!  "sha256": "9f86d0…", "commit": "622d2103deadbeef…", "published_at": "2026-11-05T10:15:00Z"}
+//! ```
+//!
+//! The artifact lives in the same bucket as the pointer. An agent that follows a pointer
+//! (`[source] pointer_key`, or `DEPLOYMENT_POINTER` with `DEPLOYMENT_BUCKET`) reads it, then
+//! verifies and deploys the artifact it names exactly as it would a key given directly, with
+//! the pointer's `sha256` as the expected digest: a pointer naming a missing artifact, or an
+//! artifact whose bytes do not hash to that digest, fails the deployment and the serving
+//! release stays.
+//!
+//! [`read`] is also the poll primitive: it sends `If-None-Match: <last ETag>`, so an idle poll
+//! is one conditional GET answered `304 Not Modified` with no body, and nothing else.
+//!
+//! ## Where a pointer ranks among the sources
+//!
+//! A pointer is another way of *naming* the artifact, so it takes the rank of the place it is
+//! configured in (see [`crate::source`]): `DEPLOYMENT_POINTER` ranks with `DEPLOYMENT_KEY`
+//! (the per-instance environment file beats the config baked into the image), and
+//! `[source] pointer_key` ranks with `[source] key`. An explicit request (trigger file,
+//! `deploy --bucket/--key`) still beats both, so an operator can always deploy one exact
+//! artifact by hand. Naming both an exact key and a pointer in the same place is refused as a
+//! configuration error instead of silently preferring one: the two mean "stay on this build"
+//! and "follow CI", and only the operator knows which was meant.
+
+use aws_sdk_s3::Client;
+use aws_sdk_s3::error::SdkError;
+
+use crate::exit;
+use crate::imds::error_chain;
+use crate::source::is_sha256_hex;
+
+/// A pointer object is a few hundred bytes; anything much larger is not one.
+pub const MAX_POINTER_BYTES: usize = 64 * 1024;
+
+/// The name `publish --pointer` gives the pointer object inside `{app}/{environment}/`.
+pub const POINTER_NAME: &str = "current.json";
+
+/// The contents of a pointer object.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Pointer {
+    /// The artifact's key, in the pointer's own bucket.
+    pub key: String,
+    /// Lower-case hex SHA-256 of the artifact.
+    pub sha256: String,
+    /// The commit the artifact was built from.
+    #[serde(default)]
+    pub commit: String,
+    /// RFC 3339, when `publish` wrote the pointer.
+    #[serde(default)]
+    pub published_at: String,
+}
+
+/// The result of reading a pointer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PointerRead {
+    /// The pointer's ETag is still `last_etag` (S3 answered 304).
+    Unchanged,
+    /// The pointer is new or changed.
+    Changed { pointer: Pointer, etag: String },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PointerError {
+    #[error(
+        "release pointer s3://{bucket}/{key} does not exist; publish with `deployd publish --pointer` or fix DEPLOYMENT_POINTER / [source] pointer_key"
+    )]
+    NotFound { bucket: String, key: String },
+    #[error(
+        "access to release pointer s3://{bucket}/{key} was denied; the instance's credentials need s3:GetObject on it"
+    )]
+    AccessDenied { bucket: String, key: String },
+    #[error("release pointer s3://{bucket}/{key} is not valid: {reason}; republish it")]
+    Malformed {
+        bucket: String,
+        key: String,
+        reason: String,
+    },
+    #[error("S3 did not answer for release pointer s3://{bucket}/{key}: {reason}")]
+    Unavailable {
+        bucket: String,
+        key: String,
+        reason: String,
+    },
+}
+
+impl PointerError {
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            PointerError::NotFound { .. } => exit::NOINPUT,
+            PointerError::AccessDenied { .. } => exit::CONFIG,
+            PointerError::Malformed { .. } => exit::DATAERR,
+            PointerError::Unavailable { .. } => exit::UNAVAILABLE,
+        }
+    }
+}
+
+impl Pointer {
+    /// Parses and checks a pointer document.
+    pub fn parse(bytes: &[u8]) -> Result<Pointer, String> {
+        let mut p: Pointer =
+            serde_json::from_slice(bytes).map_err(|e| format!("it is not pointer JSON ({e})"))?;
+        if p.key.is_empty() || p.key.starts_with('/') || p.key.ends_with('/') {
+            return Err(format!("its key {:?} is not an object key", p.key));
+        }
+        if !is_sha256_hex(&p.sha256) {
+            return Err(format!(
+                "its sha256 {:?} is not a SHA-256 hex digest",
+                p.sha256
+            ));
+        }
+        p.sha256.make_ascii_lowercase();
+        Ok(p)
+    }
+
+    /// The pointer as written to S3: one JSON object and a newline.
+    pub fn to_json(&self) -> String {
+        // Serialising four strings cannot fail.
+        let mut s = serde_json::to_string_pretty(self).unwrap_or_default();
+        s.push('\n');
+        s
+    }
+}
+
+/// The pointer key `publish --pointer` writes for an app and environment.
+pub fn pointer_key(app: &str, environment: &str) -> String {
+    format!("{app}/{environment}/{POINTER_NAME}")
+}
+
+/// Reads the pointer at `s3://bucket/key`; with `last_etag`, a pointer that has not changed
+/// costs one conditional GET answered 304 and yields [`PointerRead::Unchanged`].
+pub async fn read(
+    s3: &Client,
+    bucket: &str,
+    key: &str,
+    last_etag: Option<&str>,
+) -> Result<PointerRead, PointerError> {
+    let mut req = s3.get_object().bucket(bucket).key(key);
+    if let Some(etag) = last_etag.filter(|e| !e.is_empty()) {
+        req = req.if_none_match(etag);
+    }
+    let resp = match req.send().await {
+        Ok(resp) => resp,
+        Err(e) => {
+            let status = e.raw_response().map(|r| r.status().as_u16());
+            return Err(match (&e, status) {
+                (_, Some(304)) => return Ok(PointerRead::Unchanged),
+                (SdkError::ServiceError(s), _) if s.err().is_no_such_key() => {
+                    PointerError::NotFound {
+                        bucket: bucket.into(),
+                        key: key.into(),
+                    }
+                }
+                (_, Some(404)) => PointerError::NotFound {
+                    bucket: bucket.into(),
+                    key: key.into(),
+                },
+                (_, Some(403)) => PointerError::AccessDenied {
+                    bucket: bucket.into(),
+                    key: key.into(),
+                },
+                _ => PointerError::Unavailable {
+                    bucket: bucket.into(),
+                    key: key.into(),
+                    reason: error_chain(&e),
+                },
+            });
+        }
+    };
+    let malformed = |reason: String| PointerError::Malformed {
+        bucket: bucket.into(),
+        key: key.into(),
+        reason,
+    };
+    if resp
+        .content_length()
+        .is_some_and(|n| n > MAX_POINTER_BYTES as i64)
+    {
+        return Err(malformed(format!(
+            "it is {} bytes, more than a pointer's {MAX_POINTER_BYTES}",
+            resp.content_length().unwrap_or_default()
+        )));
+    }
+    let etag = resp.e_tag().unwrap_or_default().to_string();
+    let body = resp
+        .body
+        .collect()
+        .await
+        .map_err(|e| PointerError::Unavailable {
+            bucket: bucket.into(),
+            key: key.into(),
+            reason: error_chain(&e),
+        })?
+        .into_bytes();
+    if body.len() > MAX_POINTER_BYTES {
+        return Err(malformed(format!(
+            "it is more than a pointer's {MAX_POINTER_BYTES} bytes"
+        )));
+    }
+    let pointer = Pointer::parse(&body).map_err(malformed)?;
+    tracing::debug!(bucket, key, etag = %etag, artifact = %pointer.key, sha256 = %pointer.sha256, "read release pointer");
+    Ok(PointerRead::Changed { pointer, etag })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_normalises() {
+        let sha = "AB".repeat(32);
+        let p = Pointer::parse(
+            format!(r#"{{"key":"a/b/c.tar.gz","sha256":"{sha}","commit":"x","extra":1}}"#)
+                .as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(p.sha256, "ab".repeat(32));
+        assert_eq!(p.published_at, "");
+        let back = Pointer::parse(p.to_json().as_bytes()).unwrap();
+        assert_eq!(back, p);
+    }
+
+    #[test]
+    fn rejects_bad_pointers() {
+        let sha = "0".repeat(64);
+        for bad in [
+            "not json".to_string(),
+            format!(r#"{{"key":"","sha256":"{sha}"}}"#),
+            format!(r#"{{"key":"/abs","sha256":"{sha}"}}"#),
+            r#"{"key":"a/b","sha256":"1234"}"#.to_string(),
+            r#"{"sha256":"1234"}"#.to_string(),
+        ] {
+            assert!(Pointer::parse(bad.as_bytes()).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,113 @@
+//! Polling: with `[triggers] poll_interval` above zero, the daemon looks at its source every
+//! interval (plus up to a quarter of it in random jitter, so a fleet does not poll in step)
+//! and queues a redeploy when it changed.
+//!
+//! What one idle poll costs S3:
+//!
+//! - a **release pointer** source: one `GET current.json` with `If-None-Match: <ETag>`,
+//!   answered `304 Not Modified` without a body ([`crate::pointer::read`]);
+//! - a **direct key** (environment, config or legacy template): one `HEAD` with
+//!   `If-None-Match: <ETag>`, answered 304. On the legacy mutable key this is what notices CI
+//!   rewriting it in place.
+//!
+//! The source is resolved again at every tick (the environment file is re-read, as for every
+//! deployment), so an operator who switches a host from a key to a pointer needs no restart.
+//! The first observation queues one deployment too: it is a no-op when the startup deployment
+//! already serves that artifact, and it closes the window in which the source changed between
+//! the startup deployment and the first poll. Errors are logged and the next tick tries again;
+//! a poll never stops the daemon.
+
+use std::time::Duration;
+
+use aws_sdk_s3::Client;
+use tokio::task::JoinHandle;
+
+use crate::config::Config;
+use crate::envfile::EnvFile;
+use crate::imds::{Imds, error_chain};
+use crate::pointer::{self, PointerRead};
+use crate::source;
+use crate::triggers::{Trigger, TriggerOrigin, TriggerQueue};
+
+/// Starts the poller when `[triggers] poll_interval` is above zero.
+pub fn spawn(cfg: &Config, s3: Client, queue: TriggerQueue) -> Option<JoinHandle<()>> {
+    let every = cfg.triggers.poll_interval.0;
+    if every.is_zero() {
+        return None;
+    }
+    let cfg = cfg.clone();
+    tracing::info!(
+        interval_ms = every.as_millis() as u64,
+        "polling the artifact source"
+    );
+    Some(tokio::spawn(async move {
+        poll_loop(cfg, s3, queue, every).await
+    }))
+}
+
+/// The interval plus up to a quarter of it in jitter.
+fn next_delay(every: Duration) -> Duration {
+    let jitter_ms = (every.as_millis() as u64 / 4).max(1);
+    every + Duration::from_millis(fastrand::u64(0..jitter_ms))
+}
+
+async fn poll_loop(cfg: Config, s3: Client, queue: TriggerQueue, every: Duration) {
+    let imds = Imds::new();
+    // (s3://bucket/key watched, its last ETag)
+    let mut last: Option<(String, String)> = None;
+    loop {
+        tokio::time::sleep(next_delay(every)).await;
+        let env = match EnvFile::load(&cfg.environment_file) {
+            Ok(env) => env,
+            Err(error) => {
+                tracing::warn!(%error, "poll: cannot read the environment file");
+                continue;
+            }
+        };
+        let artifact = match source::resolve(&cfg, &env, None, &imds).await {
+            Ok(a) => a,
+            Err(error) => {
+                tracing::warn!(%error, "poll: cannot resolve the artifact source");
+                continue;
+            }
+        };
+        let at = artifact.to_string();
+        let etag = last
+            .as_ref()
+            .filter(|(watched, _)| *watched == at)
+            .map(|(_, e)| e.as_str());
+        let changed = if artifact.origin.is_pointer() {
+            match pointer::read(&s3, &artifact.bucket, &artifact.key, etag).await {
+                Ok(PointerRead::Unchanged) => None,
+                Ok(PointerRead::Changed { etag, pointer }) => {
+                    tracing::info!(pointer = %at, key = %pointer.key, "poll: the release pointer changed");
+                    Some(etag)
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "poll: cannot read the release pointer");
+                    None
+                }
+            }
+        } else {
+            let mut head = s3.head_object().bucket(&artifact.bucket).key(&artifact.key);
+            if let Some(etag) = etag {
+                head = head.if_none_match(etag);
+            }
+            match head.send().await {
+                Ok(out) => {
+                    tracing::info!(artifact = %at, "poll: the artifact changed");
+                    Some(out.e_tag().unwrap_or_default().to_string())
+                }
+                Err(e) if e.raw_response().map(|r| r.status().as_u16()) == Some(304) => None,
+                Err(e) => {
+                    tracing::warn!(artifact = %at, error = %error_chain(&e), "poll: head-object failed");
+                    None
+                }
+            }
+        };
+        if let Some(etag) = changed {
+            last = Some((at, etag));
+            queue.push(Trigger::new(TriggerOrigin::Poll));
+        }
+    }
+}

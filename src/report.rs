@@ -1,0 +1,253 @@
+//! Report: what the agent is doing, for people and machines.
+//!
+//! Every stage change and download progress goes to `status.json` in the runtime directory,
+//! to an optional status sink (the daemon forwards it to systemd as `STATUS=`), and, when
+//! stderr is a terminal, to a progress line. Progress updates are throttled so that a fast
+//! download does not turn into thousands of file writes.
+//!
+//! The reporter also times the stages of the running deployment (from each `stage()` call to
+//! the next, or to `finish()`), for the metrics file ([`crate::metrics`]).
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use crate::state::{Attempt, ReleaseSummary, Status, now_rfc3339};
+
+/// Receives one-line status texts (for systemd's `STATUS=`).
+pub type StatusSink = Box<dyn Fn(&str) + Send + Sync>;
+
+const PROGRESS_EVERY: Duration = Duration::from_millis(250);
+
+pub struct Reporter {
+    runtime_dir: PathBuf,
+    status: Mutex<Status>,
+    terminal: bool,
+    sink: Option<StatusSink>,
+    progress: Mutex<ProgressState>,
+    /// Stages of the running deployment and when each began; the end, once finished.
+    timings: Mutex<StageTimes>,
+    /// Build cache hits and misses of the running deployment, once it has built.
+    build: Mutex<Option<(u64, u64)>>,
+}
+
+/// Stage names with the instant each began, and the instant the deployment finished.
+type StageTimes = (Vec<(String, Instant)>, Option<Instant>);
+
+#[derive(Default)]
+struct ProgressState {
+    started: Option<Instant>,
+    last: Option<Instant>,
+    drew: bool,
+}
+
+fn human(bytes: u64) -> String {
+    bytesize::ByteSize(bytes).display().iec().to_string()
+}
+
+impl Reporter {
+    /// `terminal`: draw a progress line when stderr is a terminal.
+    pub fn new(runtime_dir: PathBuf, terminal: bool, sink: Option<StatusSink>) -> Reporter {
+        Reporter {
+            runtime_dir,
+            status: Mutex::new(Status {
+                pid: std::process::id(),
+                stage: "idle".into(),
+                updated_at: now_rfc3339(),
+                ..Status::default()
+            }),
+            terminal: terminal && std::io::stderr().is_terminal(),
+            sink,
+            progress: Mutex::new(ProgressState::default()),
+            timings: Mutex::new((Vec::new(), None)),
+            build: Mutex::new(None),
+        }
+    }
+
+    /// Build cache hits and misses of the current (or last) deployment; `None` if it built
+    /// nothing.
+    pub fn build_cache(&self) -> Option<(u64, u64)> {
+        *self.build.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Seconds spent in each stage by the current (or last) deployment, summed per stage, in
+    /// the order the stages first ran.
+    pub fn stage_durations(&self) -> Vec<(String, Duration)> {
+        let t = self.timings.lock().unwrap_or_else(|p| p.into_inner());
+        let (stages, end) = &*t;
+        let end = end.unwrap_or_else(Instant::now);
+        let mut out: Vec<(String, Duration)> = Vec::new();
+        for (i, (name, began)) in stages.iter().enumerate() {
+            let until = stages.get(i + 1).map_or(end, |(_, next)| *next);
+            let spent = until.saturating_duration_since(*began);
+            match out.iter_mut().find(|(n, _)| n == name) {
+                Some((_, d)) => *d += spent,
+                None => out.push((name.clone(), spent)),
+            }
+        }
+        out
+    }
+
+    fn update(&self, f: impl FnOnce(&mut Status)) -> Status {
+        let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut status);
+        status.updated_at = now_rfc3339();
+        status.write(&self.runtime_dir);
+        status.clone()
+    }
+
+    fn say(&self, text: &str) {
+        if let Some(sink) = &self.sink {
+            sink(text);
+        }
+    }
+
+    /// A deployment started.
+    pub fn begin(&self, trigger: &str) {
+        self.update(|s| {
+            s.deploying = true;
+            s.started_at = Some(now_rfc3339());
+            s.detail = Some(format!("triggered by {trigger}"));
+            s.bytes_done = None;
+            s.bytes_total = None;
+        });
+        *self.progress.lock().unwrap_or_else(|p| p.into_inner()) = ProgressState::default();
+        *self.timings.lock().unwrap_or_else(|p| p.into_inner()) = (Vec::new(), None);
+        *self.build.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    /// The deployment entered `stage`.
+    pub fn stage(&self, stage: &str, detail: Option<String>) {
+        self.end_progress_line();
+        self.timings
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .0
+            .push((stage.to_string(), Instant::now()));
+        match &detail {
+            Some(d) => tracing::info!(stage, detail = %d, "{stage} {d}"),
+            None => tracing::info!(stage, "{stage}"),
+        }
+        let text = match &detail {
+            Some(d) => format!("{stage} {d}"),
+            None => stage.to_string(),
+        };
+        self.update(|s| {
+            s.stage = stage.to_string();
+            s.detail = detail;
+        });
+        self.say(&text);
+    }
+
+    /// The artifact named by the deployment.
+    pub fn artifact(&self, bucket: &str, key: &str) {
+        self.update(|s| {
+            s.bucket = Some(bucket.to_string());
+            s.key = Some(key.to_string());
+        });
+    }
+
+    /// Download progress; throttled.
+    pub fn progress(&self, done: u64, total: u64) {
+        let now = Instant::now();
+        let (elapsed, due) = {
+            let mut p = self.progress.lock().unwrap_or_else(|p| p.into_inner());
+            let started = *p.started.get_or_insert(now);
+            let due = done >= total || p.last.is_none_or(|l| now - l >= PROGRESS_EVERY);
+            if due {
+                p.last = Some(now);
+                p.drew |= self.terminal;
+            }
+            (now - started, due)
+        };
+        if !due {
+            return;
+        }
+        let pct = done.saturating_mul(100).checked_div(total).unwrap_or(100);
+        let rate = if elapsed.as_secs_f64() > 0.0 {
+            (done as f64 / elapsed.as_secs_f64()) as u64
+        } else {
+            0
+        };
+        let (url, text) = {
+            let s = self.update(|s| {
+                s.bytes_done = Some(done);
+                s.bytes_total = Some(total);
+            });
+            let url = match (s.bucket, s.key) {
+                (Some(b), Some(k)) => format!("s3://{b}/{k}"),
+                _ => String::new(),
+            };
+            (
+                url,
+                format!(
+                    "{pct}% {} of {}, {}/s",
+                    human(done),
+                    human(total),
+                    human(rate)
+                ),
+            )
+        };
+        self.say(&format!("fetching {url} {text}"));
+        if self.terminal {
+            let mut err = std::io::stderr().lock();
+            let _ = write!(err, "\r\x1b[2K  fetching {text}");
+            let _ = err.flush();
+        }
+    }
+
+    fn end_progress_line(&self) {
+        let mut p = self.progress.lock().unwrap_or_else(|p| p.into_inner());
+        if p.drew {
+            p.drew = false;
+            let _ = writeln!(std::io::stderr());
+        }
+    }
+
+    /// Cache hits of the last build, for status and metrics.
+    /// The image builds of this deployment: `steps` cacheable steps, `cache_hits` of them from
+    /// cache.
+    pub fn build_report(&self, cache_hits: u64, steps: u64) {
+        *self.build.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some((cache_hits, steps.saturating_sub(cache_hits)));
+        self.update(|s| {
+            s.detail = Some(format!("{cache_hits} of {steps} build steps from cache"));
+        });
+    }
+
+    /// The deployment ended; `serving` is what serves now.
+    pub fn finish(&self, attempt: &Attempt, serving: Option<ReleaseSummary>) {
+        self.end_progress_line();
+        self.timings.lock().unwrap_or_else(|p| p.into_inner()).1 = Some(Instant::now());
+        let text = match (&attempt.error, &serving) {
+            (Some(e), _) => format!("failed: {e}"),
+            (None, Some(r)) => format!(
+                "serving {} since {}",
+                r.commit
+                    .as_deref()
+                    .map_or(r.id.as_str(), |c| &c[..c.len().min(8)]),
+                r.activated_at
+            ),
+            (None, None) => "idle".into(),
+        };
+        self.update(|s| {
+            s.deploying = false;
+            s.stage = "idle".into();
+            s.detail = None;
+            s.serving = serving;
+            s.last_attempt = Some(attempt.clone());
+        });
+        self.say(&text);
+    }
+
+    /// Sets the serving release without a deployment (startup, rollback).
+    pub fn serving(&self, serving: Option<ReleaseSummary>, last: Option<Attempt>) {
+        self.update(|s| {
+            s.serving = serving;
+            if last.is_some() {
+                s.last_attempt = last;
+            }
+        });
+    }
+}

@@ -1,0 +1,415 @@
+//! Minisign signatures: `publish --sign` writes them, the agent refuses artifacts without one.
+//!
+//! An artifact at `<key>` is signed by a sibling object `<key>.minisig` in minisign's own
+//! format (the file `minisign -S` would write, pre-hashed BLAKE2b-512 mode), so the `minisign`
+//! command line can check any artifact by hand: `minisign -V -P RWQ... -m artifact.tar.gz`.
+//!
+//! ## On the host
+//!
+//! With `[source] public_key` set (the `RWQ...` line of a `minisign.pub`, or the whole file),
+//! every deployment:
+//!
+//! 1. fetches `<key>.minisig` **before** the artifact (it is a few hundred bytes). A missing,
+//!    unreadable or legacy-mode signature, or one made by another key, is refused (exit 65)
+//!    before a single byte of the artifact is downloaded;
+//! 2. feeds every downloaded byte to `minisign-verify`'s streaming verifier alongside the
+//!    SHA-256, so the artifact is never held in memory or written to disk whole;
+//! 3. checks the signature once the last byte has arrived, **before activation**. A bad
+//!    signature discards the staged tree exactly as a checksum mismatch does; `current` is
+//!    never touched.
+//!
+//! Unpacking runs concurrently with the download, so the bytes of an artifact whose signature
+//! turns out to be bad do reach the staging directory. That is deliberate: verifying first
+//! would mean downloading the artifact twice or spooling it to disk, doubling the time and
+//! disk a deployment needs, while the unpacker already treats every archive as hostile
+//! (no absolute paths, no `..`, no escaping links, no device nodes, size limits), so an
+//! unverified archive can do nothing but fill a staging directory that is then deleted.
+//!
+//! The signature's trusted comment (`timestamp`, `file`, `commit`, `key`) is logged; it is
+//! not enforced, so an artifact re-published under another key does not need re-signing.
+//!
+//! ## In CI
+//!
+//! `publish --sign KEYFILE` reads a minisign secret key file. An unencrypted key (`minisign -G
+//! -W`) is used as is; an encrypted one needs its password in `DEPLOYD_SIGN_PASSWORD`, and is
+//! never prompted for, since CI has no terminal.
+
+use std::io::Read;
+use std::path::Path;
+
+use aws_sdk_s3::Client;
+use aws_sdk_s3::error::SdkError;
+use minisign_verify::{PublicKey, Signature, StreamVerifier};
+
+use crate::exit;
+use crate::imds::error_chain;
+
+/// The suffix of a signature object.
+pub const SUFFIX: &str = ".minisig";
+/// A minisig file is a few hundred bytes; anything much larger is not one.
+pub const MAX_SIGNATURE_BYTES: usize = 16 * 1024;
+/// The environment variable that holds an encrypted secret key's password.
+pub const PASSWORD_ENV: &str = "DEPLOYD_SIGN_PASSWORD";
+
+/// The key of the signature object for the artifact at `key`.
+pub fn signature_key(key: &str) -> String {
+    format!("{key}{SUFFIX}")
+}
+
+/// Parses `[source] public_key`: a bare `RWQ...` key or the text of a `minisign.pub` file.
+pub fn parse_public_key(text: &str) -> Result<PublicKey, String> {
+    let text = text.trim();
+    let parsed = if text.contains('\n') {
+        PublicKey::decode(text)
+    } else {
+        PublicKey::from_base64(text)
+    };
+    parsed.map_err(|e| {
+        format!("is not a minisign public key ({e}); paste the RWQ... line of minisign.pub")
+    })
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SignatureError {
+    #[error("[source] public_key {0}")]
+    BadPublicKey(String),
+    #[error(
+        "artifact s3://{bucket}/{key} has no signature (s3://{bucket}/{key}{SUFFIX} does not exist) and [source] public_key requires one; publish it with `deployd publish --sign`"
+    )]
+    Missing { bucket: String, key: String },
+    #[error(
+        "signature s3://{bucket}/{key}{SUFFIX} cannot be used: {reason}; republish the artifact with `deployd publish --sign`"
+    )]
+    Unusable {
+        bucket: String,
+        key: String,
+        reason: String,
+    },
+    #[error(
+        "signature s3://{bucket}/{key}{SUFFIX} was made with another key than [source] public_key; sign with the matching secret key or update public_key"
+    )]
+    WrongKey { bucket: String, key: String },
+    #[error(
+        "artifact s3://{bucket}/{key} does not match its signature {SUFFIX} ({reason}); it was altered after signing, nothing was activated"
+    )]
+    Invalid {
+        bucket: String,
+        key: String,
+        reason: String,
+    },
+    #[error("S3 did not answer for signature s3://{bucket}/{key}{SUFFIX}: {reason}")]
+    Unavailable {
+        bucket: String,
+        key: String,
+        reason: String,
+    },
+}
+
+impl SignatureError {
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            SignatureError::BadPublicKey(_) => exit::CONFIG,
+            SignatureError::Unavailable { .. } => exit::UNAVAILABLE,
+            _ => exit::DATAERR,
+        }
+    }
+}
+
+/// A fetched signature and the public key it must verify against.
+#[derive(Clone)]
+pub struct Signed {
+    pub bucket: String,
+    /// The artifact's key (not the signature's).
+    pub key: String,
+    public_key: PublicKey,
+    signature: Signature,
+}
+
+impl std::fmt::Debug for Signed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Signed")
+            .field("bucket", &self.bucket)
+            .field("key", &self.key)
+            .field("trusted_comment", &self.trusted_comment())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Signed {
+    /// The signature's trusted comment, e.g. `timestamp:... file:... commit:...`.
+    pub fn trusted_comment(&self) -> &str {
+        self.signature.trusted_comment()
+    }
+
+    /// A verifier to feed the artifact's bytes to, in order.
+    pub fn verifier(&self) -> Result<StreamVerifier<'_>, SignatureError> {
+        self.public_key
+            .verify_stream(&self.signature)
+            .map_err(|e| self.classify(e))
+    }
+
+    /// Checks the signature once every byte has been fed to `verifier`.
+    pub fn finish(&self, mut verifier: StreamVerifier<'_>) -> Result<(), SignatureError> {
+        verifier.finalize().map_err(|e| SignatureError::Invalid {
+            bucket: self.bucket.clone(),
+            key: self.key.clone(),
+            reason: e.to_string().to_lowercase(),
+        })
+    }
+
+    fn classify(&self, e: minisign_verify::Error) -> SignatureError {
+        match e {
+            minisign_verify::Error::UnexpectedKeyId => SignatureError::WrongKey {
+                bucket: self.bucket.clone(),
+                key: self.key.clone(),
+            },
+            minisign_verify::Error::UnsupportedLegacyMode => SignatureError::Unusable {
+                bucket: self.bucket.clone(),
+                key: self.key.clone(),
+                reason: "it is a legacy (not pre-hashed) signature, which cannot be checked while streaming".into(),
+            },
+            other => SignatureError::Unusable {
+                bucket: self.bucket.clone(),
+                key: self.key.clone(),
+                reason: other.to_string().to_lowercase(),
+            },
+        }
+    }
+}
+
+/// Fetches and checks `<key>.minisig` against `public_key` (the config's text), before the
+/// artifact is downloaded: a missing signature or one from another key fails here.
+pub async fn fetch(
+    s3: &Client,
+    bucket: &str,
+    key: &str,
+    public_key: &str,
+) -> Result<Signed, SignatureError> {
+    let public_key = parse_public_key(public_key).map_err(SignatureError::BadPublicKey)?;
+    let sig_key = signature_key(key);
+    let unusable = |reason: String| SignatureError::Unusable {
+        bucket: bucket.into(),
+        key: key.into(),
+        reason,
+    };
+    let resp = match s3.get_object().bucket(bucket).key(&sig_key).send().await {
+        Ok(resp) => resp,
+        Err(e) => {
+            let status = e.raw_response().map(|r| r.status().as_u16());
+            return Err(match (&e, status) {
+                (SdkError::ServiceError(s), _) if s.err().is_no_such_key() => {
+                    SignatureError::Missing {
+                        bucket: bucket.into(),
+                        key: key.into(),
+                    }
+                }
+                (_, Some(404)) => SignatureError::Missing {
+                    bucket: bucket.into(),
+                    key: key.into(),
+                },
+                (_, Some(403)) => {
+                    unusable("access was denied; the instance needs s3:GetObject on it".to_string())
+                }
+                _ => SignatureError::Unavailable {
+                    bucket: bucket.into(),
+                    key: key.into(),
+                    reason: error_chain(&e),
+                },
+            });
+        }
+    };
+    if resp
+        .content_length()
+        .is_some_and(|n| n > MAX_SIGNATURE_BYTES as i64)
+    {
+        return Err(unusable(format!(
+            "it is larger than {MAX_SIGNATURE_BYTES} bytes"
+        )));
+    }
+    let body = resp
+        .body
+        .collect()
+        .await
+        .map_err(|e| SignatureError::Unavailable {
+            bucket: bucket.into(),
+            key: key.into(),
+            reason: error_chain(&e),
+        })?
+        .into_bytes();
+    let text = std::str::from_utf8(&body)
+        .map_err(|_| unusable("it is not text in minisign format".to_string()))?;
+    let signature = Signature::decode(text)
+        .map_err(|e| unusable(format!("it is not a minisign signature ({e})")))?;
+    let signed = Signed {
+        bucket: bucket.into(),
+        key: key.into(),
+        public_key,
+        signature,
+    };
+    // Key id and mode are checked now, before the artifact is downloaded.
+    signed.verifier()?;
+    tracing::info!(
+        bucket,
+        key,
+        trusted_comment = signed.trusted_comment(),
+        "fetched the artifact's signature"
+    );
+    Ok(signed)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SignError {
+    #[error("cannot read minisign secret key {path}: {reason}")]
+    Read { path: String, reason: String },
+    #[error(
+        "minisign secret key {path} is encrypted and {PASSWORD_ENV} is not set; put its password in {PASSWORD_ENV} (deployd never prompts)"
+    )]
+    NeedsPassword { path: String },
+    #[error("cannot use minisign secret key {path}: {reason}")]
+    BadKey { path: String, reason: String },
+    #[error("signing {file} failed: {reason}")]
+    Sign { file: String, reason: String },
+}
+
+impl SignError {
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            SignError::Read { .. } => exit::NOINPUT,
+            SignError::NeedsPassword { .. } | SignError::BadKey { .. } => exit::CONFIG,
+            SignError::Sign { .. } => exit::SOFTWARE,
+        }
+    }
+}
+
+/// A secret key ready to sign.
+pub struct SigningKey {
+    sk: minisign::SecretKey,
+    pk: minisign::PublicKey,
+}
+
+impl std::fmt::Debug for SigningKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SigningKey { .. }")
+    }
+}
+
+impl SigningKey {
+    /// Loads a minisign secret key file; an encrypted key's password comes from `password`.
+    pub fn load(path: &Path, password: Option<String>) -> Result<SigningKey, SignError> {
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| SignError::Read {
+            path: shown.clone(),
+            reason: e.to_string(),
+        })?;
+        let bad = |e: minisign::PError| SignError::BadKey {
+            path: shown.clone(),
+            reason: e.to_string(),
+        };
+        let boxed = minisign::SecretKeyBox::from_string(&text).map_err(bad)?;
+        let sk = match boxed.clone().into_unencrypted_secret_key() {
+            Ok(sk) => sk,
+            Err(_) => match password {
+                // `from_box` with `None` would prompt on the terminal; never let it.
+                Some(pw) => boxed.into_secret_key(Some(pw)).map_err(bad)?,
+                None => return Err(SignError::NeedsPassword { path: shown }),
+            },
+        };
+        let pk = minisign::PublicKey::from_secret_key(&sk).map_err(bad)?;
+        Ok(SigningKey { sk, pk })
+    }
+
+    /// The public key, as the `RWQ...` string `[source] public_key` takes.
+    pub fn public_key_base64(&self) -> String {
+        self.pk.to_base64()
+    }
+
+    /// Signs everything `data` yields (streaming, pre-hashed mode) and returns the `.minisig`
+    /// text. `name` only labels errors.
+    pub fn sign<R: Read>(
+        &self,
+        data: R,
+        trusted_comment: &str,
+        name: &str,
+    ) -> Result<String, SignError> {
+        let sig = minisign::sign(
+            Some(&self.pk),
+            &self.sk,
+            data,
+            Some(trusted_comment),
+            Some("signature from deployd publish"),
+        )
+        .map_err(|e| SignError::Sign {
+            file: name.into(),
+            reason: e.to_string(),
+        })?;
+        Ok(sig.into_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keypair(dir: &Path) -> (std::path::PathBuf, String) {
+        let kp = minisign::KeyPair::generate_unencrypted_keypair().unwrap();
+        let path = dir.join("key.sec");
+        std::fs::write(&path, kp.sk.to_box(None).unwrap().to_string()).unwrap();
+        (path, kp.pk.to_base64())
+    }
+
+    #[test]
+    fn signs_and_verifies_streaming() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, pk) = keypair(dir.path());
+        let key = SigningKey::load(&path, None).unwrap();
+        assert_eq!(key.public_key_base64(), pk);
+        let data = vec![42u8; 300_000];
+        let text = key.sign(&data[..], "file:x", "x").unwrap();
+        let signed = Signed {
+            bucket: "b".into(),
+            key: "k".into(),
+            public_key: parse_public_key(&pk).unwrap(),
+            signature: Signature::decode(&text).unwrap(),
+        };
+        assert_eq!(signed.trusted_comment(), "file:x");
+        let mut v = signed.verifier().unwrap();
+        for chunk in data.chunks(7777) {
+            v.update(chunk);
+        }
+        signed.finish(v).unwrap();
+        let mut v = signed.verifier().unwrap();
+        v.update(&data[1..]);
+        let err = signed.finish(v).unwrap_err();
+        assert_eq!(err.exit_code(), 65);
+        assert!(err.to_string().contains("s3://b/k"), "{err}");
+    }
+
+    #[test]
+    fn encrypted_key_needs_the_password_and_never_prompts() {
+        // An unencrypted key relabelled as scrypt-encrypted: loading must stop at "needs a
+        // password" without deriving anything (and without a terminal prompt).
+        let kp = minisign::KeyPair::generate_unencrypted_keypair().unwrap();
+        let text = kp.sk.to_box(None).unwrap().to_string();
+        let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
+        let mut raw = aws_smithy_types::base64::decode(&lines[1]).unwrap();
+        raw[2..4].copy_from_slice(b"Sc");
+        lines[1] = aws_smithy_types::base64::encode(&raw);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("enc.sec");
+        std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+        let err = SigningKey::load(&path, None).unwrap_err();
+        assert!(matches!(err, SignError::NeedsPassword { .. }), "{err}");
+        assert_eq!(err.exit_code(), 78);
+        assert!(err.to_string().contains(PASSWORD_ENV));
+    }
+
+    #[test]
+    fn public_key_forms() {
+        let kp = minisign::KeyPair::generate_unencrypted_keypair().unwrap();
+        let b64 = kp.pk.to_base64();
+        assert!(parse_public_key(&b64).is_ok());
+        let file = kp.pk.to_box().unwrap().to_string();
+        assert!(parse_public_key(&file).is_ok(), "{file}");
+        assert!(parse_public_key("RWQnope").is_err());
+    }
+}

@@ -1,0 +1,340 @@
+//! Fixtures for container tests: a local busybox base image, a small web app release directory,
+//! engine access that fails under CI when Docker does not answer, and cleanup.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
+
+use deployd::containers::{ContainerSettings, Engine, Project, ReleaseRef};
+
+/// The base image every fixture Dockerfile starts from (no registry is reachable).
+pub const BASE_IMAGE: &str = "deployd-test-busybox:1";
+
+/// Tests that prune engine-wide caches take this for writing; all other Docker tests for reading.
+pub static ENGINE_LOCK: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
+/// Run a command, returning stdout; panics with stderr on failure.
+pub fn sh(cmd: &str) -> String {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .output()
+        .expect("spawn sh");
+    assert!(
+        out.status.success(),
+        "`{cmd}` failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Make the base image once (idempotent across tests and runs): busybox-static plus symlinks.
+pub fn ensure_base_image() {
+    static DONE: OnceLock<()> = OnceLock::new();
+    static LOCK: Mutex<()> = Mutex::new(());
+    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    DONE.get_or_init(|| {
+        if Command::new("docker")
+            .args(["image", "inspect", BASE_IMAGE])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+        {
+            return;
+        }
+        let busybox = Path::new("/bin/busybox");
+        assert!(
+            busybox.exists(),
+            "/bin/busybox is missing: apt-get install -y busybox-static"
+        );
+        let root = tempfile::tempdir().unwrap();
+        let r = root.path();
+        for d in ["bin", "etc", "tmp", "www", "var/www"] {
+            std::fs::create_dir_all(r.join(d)).unwrap();
+        }
+        std::fs::copy(busybox, r.join("bin/busybox")).unwrap();
+        let list = sh("/bin/busybox --list");
+        for applet in list.lines().filter(|a| *a != "busybox") {
+            let _ = std::os::unix::fs::symlink("busybox", r.join("bin").join(applet));
+        }
+        std::fs::write(r.join("etc/passwd"), "root:x:0:0:root:/:/bin/sh\n").unwrap();
+        std::fs::write(r.join("etc/group"), "root:x:0:\n").unwrap();
+        sh(&format!(
+            "tar -C {} -c . | docker import -c 'ENV PATH=/bin' - {BASE_IMAGE}",
+            r.display()
+        ));
+    });
+}
+
+/// Connect to the engine; `None` (skip) when it does not answer, a failure when `CI` is set.
+pub async fn engine() -> Option<Engine> {
+    let ci = std::env::var_os("CI").is_some();
+    let wait = if ci {
+        Duration::from_secs(30)
+    } else {
+        Duration::from_secs(3)
+    };
+    match Engine::connect(wait).await {
+        Ok(e) => {
+            ensure_base_image();
+            Some(e)
+        }
+        Err(e) if ci => panic!("CI is set and the Docker engine does not answer: {e}"),
+        Err(e) => {
+            eprintln!("skipping: Docker engine does not answer: {e}");
+            None
+        }
+    }
+}
+
+/// A free loopback port.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `GET path` on a loopback port: `(status, body)`.
+pub fn http_get(port: u16, path: &str) -> (u16, String) {
+    let mut last = String::new();
+    for _ in 0..20 {
+        match TcpStream::connect(("127.0.0.1", port)) {
+            Ok(mut s) => {
+                s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
+                let mut buf = String::new();
+                if s.read_to_string(&mut buf).is_ok() && !buf.is_empty() {
+                    let status = buf
+                        .split_whitespace()
+                        .nth(1)
+                        .and_then(|c| c.parse().ok())
+                        .unwrap_or(0);
+                    let body = buf.split("\r\n\r\n").nth(1).unwrap_or_default().to_string();
+                    return (status, body);
+                }
+                last = "empty answer".into();
+            }
+            Err(e) => last = e.to_string(),
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    panic!("nothing answers on 127.0.0.1:{port}{path}: {last}");
+}
+
+/// Test settings: short timeouts.
+pub fn settings() -> ContainerSettings {
+    ContainerSettings {
+        health_timeout: Duration::from_secs(40),
+        health_grace: Duration::from_secs(1),
+        ..ContainerSettings::default()
+    }
+}
+
+/// A fixture app: a project name, a port, and release directories under one temp dir.
+pub struct App {
+    pub project: String,
+    pub port: u16,
+    pub root: tempfile::TempDir,
+}
+
+/// What a release of the fixture app contains.
+#[derive(Clone)]
+pub struct Variant {
+    pub version: String,
+    /// Extra Dockerfile lines inserted after the version COPY (e.g. a failing RUN).
+    pub extra_dockerfile: String,
+    /// Healthcheck path (a wrong one makes the release unhealthy).
+    pub health_path: String,
+    /// Extra service keys (raw YAML lines, indented for the backend service).
+    pub extra_service_yaml: String,
+    /// Whether to add the frontend service.
+    pub frontend: bool,
+}
+
+impl Variant {
+    pub fn new(version: &str) -> Variant {
+        Variant {
+            version: version.into(),
+            extra_dockerfile: String::new(),
+            health_path: "/version".into(),
+            extra_service_yaml: String::new(),
+            frontend: false,
+        }
+    }
+}
+
+impl App {
+    pub fn new(name: &str) -> App {
+        let project = format!("dtest-{name}-{}", std::process::id());
+        App {
+            project,
+            port: free_port(),
+            root: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    pub fn image_repo(&self, service: &str) -> String {
+        format!("{}-{service}", self.project)
+    }
+
+    /// Write release `id` and return its directory.
+    pub fn release(&self, id: &str, v: &Variant) -> PathBuf {
+        let dir = self.root.path().join(id);
+        std::fs::create_dir_all(dir.join("static")).unwrap();
+        std::fs::create_dir_all(dir.join("app")).unwrap();
+        std::fs::write(dir.join("static/index.html"), "<h1>static</h1>\n").unwrap();
+        std::fs::write(dir.join("app/version"), format!("{}\n", v.version)).unwrap();
+        std::fs::write(dir.join("kept.txt"), "kept\n").unwrap();
+        std::fs::write(dir.join("secret.txt"), "do not ship\n").unwrap();
+        std::fs::write(dir.join("debug.log"), "log\n").unwrap();
+        std::fs::write(dir.join(".dockerignore"), "secret.txt\n*.log\n").unwrap();
+        std::fs::write(dir.join(".env"), "APP_ENV=staging\nGREETING=from-dotenv\n").unwrap();
+        let dockerfile = format!(
+            "FROM {BASE_IMAGE}\n\
+             RUN mkdir -p /www && echo base > /www/base.txt\n\
+             RUN echo deps > /deps.txt && sleep 0.2\n\
+             COPY static/ /www/static/\n\
+             ARG APP_ENV=dev\n\
+             RUN echo \"$APP_ENV\" > /www/env\n\
+             COPY kept.txt /www/ctx/\n\
+             COPY . /www/ctx/\n\
+             COPY app/version /www/version\n\
+             {extra}\
+             ARG GIT_COMMIT_HASH=unknown\n\
+             RUN echo \"$GIT_COMMIT_HASH\" > /www/commit\n\
+             CMD [\"httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/www\"]\n",
+            extra = v.extra_dockerfile
+        );
+        std::fs::write(dir.join("Dockerfile"), dockerfile).unwrap();
+        let mut compose = format!(
+            r#"version: "3.8"
+services:
+  backend:
+    build:
+      context: .
+      dockerfile: Dockerfile
+      args:
+        APP_ENV: ${{APP_ENV:-production}}
+      cache_from:
+        - {repo}:latest
+    image: {repo}:latest
+    ports:
+      - "127.0.0.1:${{HOST_PORT}}:8080"
+    environment:
+      GREETING: ${{GREETING-hello}}
+      LITERAL: "$$HOME"
+    healthcheck:
+      test: ["CMD-SHELL", "wget -q -O- http://127.0.0.1:8080{health}"]
+      interval: 1s
+      timeout: 2s
+      retries: 2
+    restart: unless-stopped
+{extra}"#,
+            repo = self.image_repo("backend"),
+            health = v.health_path,
+            extra = v.extra_service_yaml,
+        );
+        if v.frontend {
+            std::fs::create_dir_all(dir.join("frontend")).unwrap();
+            std::fs::write(
+                dir.join("frontend/Dockerfile"),
+                format!(
+                    "FROM {BASE_IMAGE}\nRUN mkdir -p /www\nCOPY index.html /www/index.html\nCMD [\"httpd\", \"-f\", \"-p\", \"3000\", \"-h\", \"/www\"]\n"
+                ),
+            )
+            .unwrap();
+            std::fs::write(
+                dir.join("frontend/index.html"),
+                format!("front {}\n", v.version),
+            )
+            .unwrap();
+            compose.push_str(&format!(
+                r#"  frontend:
+    build:
+      context: ./frontend
+    image: {repo}:latest
+    depends_on:
+      backend:
+        condition: service_healthy
+"#,
+                repo = self.image_repo("frontend"),
+            ));
+        }
+        std::fs::write(dir.join("docker-compose.yml"), compose).unwrap();
+        dir
+    }
+
+    /// The environment-file variables passed to the stage.
+    pub fn env(&self) -> BTreeMap<String, String> {
+        [("HOST_PORT".to_string(), self.port.to_string())].into()
+    }
+
+    pub fn load(&self, release: &ReleaseRef<'_>) -> Project {
+        Engine::load_project(&self.project, release, &self.env(), &settings()).unwrap()
+    }
+
+    /// Container ids of the project.
+    pub fn containers(&self) -> Vec<String> {
+        sh(&format!(
+            "docker ps -aq --filter label=com.docker.compose.project={}",
+            self.project
+        ))
+        .lines()
+        .map(str::to_string)
+        .collect()
+    }
+
+    /// Tags of the project's images.
+    pub fn image_tags(&self) -> Vec<String> {
+        sh(&format!(
+            "docker images --format '{{{{.Repository}}}}:{{{{.Tag}}}}' --filter label=deployd.project={}",
+            self.project
+        ))
+        .lines()
+        .map(str::to_string)
+        .collect()
+    }
+}
+
+impl Drop for App {
+    fn drop(&mut self) {
+        let p = &self.project;
+        let _ = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "docker rm -f $(docker ps -aq --filter label=com.docker.compose.project={p}) ; \
+                 docker rmi -f $(docker images -q --filter label=deployd.project={p} | sort -u) ; \
+                 docker network rm {p}_default ; true"
+            ))
+            .output();
+    }
+}
+
+/// Build then start a release, as the agent does.
+pub async fn deploy(
+    engine: &Engine,
+    app: &App,
+    release: &ReleaseRef<'_>,
+    previous: Option<&ReleaseRef<'_>>,
+) -> Result<
+    (
+        deployd::containers::BuildReport,
+        deployd::containers::UpReport,
+    ),
+    deployd::containers::ContainerError,
+> {
+    let s = settings();
+    let project = Engine::load_project(&app.project, release, &app.env(), &s)?;
+    let built = engine.build(&project, release, previous, false).await?;
+    let prev_project = previous.map(|p| app.load(p));
+    let up = engine
+        .up(&project, release, prev_project.as_ref().zip(previous), &s)
+        .await?;
+    Ok((built, up))
+}

@@ -1,0 +1,643 @@
+//! Test harness: a real S3-compatible server (`moto_server`) on a free loopback port, a local
+//! IMDSv2 server, tarball builders (including hostile ones), and a scratch "host" with its own
+//! state directory on which the real `deployd` binary is run.
+#![allow(dead_code)]
+
+pub mod docker;
+pub mod imds;
+pub mod proxy;
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::net::TcpListener;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use aws_sdk_s3::primitives::ByteStream;
+use sha2::{Digest, Sha256};
+
+/// A `moto_server` shared by every test in one test binary, killed when the binary exits.
+pub struct Moto {
+    pub endpoint: String,
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn wait_port(port: u16, limit: Duration) {
+    let start = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            start.elapsed() < limit,
+            "server on port {port} did not start"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub fn moto() -> &'static Moto {
+    static MOTO: OnceLock<Moto> = OnceLock::new();
+    MOTO.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        // The server is spawned from a thread that never exits, because PR_SET_PDEATHSIG fires
+        // when the spawning *thread* ends; the server then dies with the test process.
+        std::thread::spawn(move || {
+            let port = free_port();
+            let mut cmd = Command::new("moto_server");
+            cmd.args(["-H", "127.0.0.1", "-p", &port.to_string()])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+            // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+            unsafe {
+                cmd.pre_exec(|| {
+                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                    Ok(())
+                });
+            }
+            let child = cmd
+                .spawn()
+                .expect("moto_server must be installed: pip install 'moto[server]'");
+            wait_port(port, Duration::from_secs(30));
+            tx.send(port).unwrap();
+            let _keep = child;
+            loop {
+                std::thread::park();
+            }
+        });
+        let port = rx.recv().unwrap();
+        Moto {
+            endpoint: format!("http://127.0.0.1:{port}"),
+        }
+    })
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// Synchronous S3 helpers for tests, over the real SDK.
+pub struct S3 {
+    pub rt: tokio::runtime::Runtime,
+    pub client: aws_sdk_s3::Client,
+}
+
+pub fn set_test_aws_env() {
+    static ONCE: OnceLock<()> = OnceLock::new();
+    ONCE.get_or_init(|| {
+        // SAFETY: runs once, before tests start other threads that read the environment
+        // through the SDK; values are the same for every test.
+        unsafe {
+            std::env::set_var("AWS_ACCESS_KEY_ID", "test");
+            std::env::set_var("AWS_SECRET_ACCESS_KEY", "test");
+            std::env::set_var("AWS_REGION", "us-east-1");
+            std::env::set_var("AWS_EC2_METADATA_DISABLED", "true");
+        }
+    });
+}
+
+impl S3 {
+    pub fn new() -> S3 {
+        set_test_aws_env();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let client = rt.block_on(async {
+            let shared = aws_config::defaults(aws_config::BehaviorVersion::latest())
+                .load()
+                .await;
+            let conf = aws_sdk_s3::config::Builder::from(&shared)
+                .endpoint_url(&moto().endpoint)
+                .force_path_style(true)
+                .build();
+            aws_sdk_s3::Client::from_conf(conf)
+        });
+        S3 { rt, client }
+    }
+
+    pub fn create_bucket(&self, bucket: &str, versioned: bool) {
+        self.rt.block_on(async {
+            self.client
+                .create_bucket()
+                .bucket(bucket)
+                .send()
+                .await
+                .unwrap();
+            if versioned {
+                self.client
+                    .put_bucket_versioning()
+                    .bucket(bucket)
+                    .versioning_configuration(
+                        aws_sdk_s3::types::VersioningConfiguration::builder()
+                            .status(aws_sdk_s3::types::BucketVersioningStatus::Enabled)
+                            .build(),
+                    )
+                    .send()
+                    .await
+                    .unwrap();
+            }
+        });
+    }
+
+    /// Uploads `body` with the given user metadata.
+    pub fn put(&self, bucket: &str, key: &str, body: &[u8], metadata: &[(&str, &str)]) {
+        self.rt.block_on(async {
+            let mut req = self
+                .client
+                .put_object()
+                .bucket(bucket)
+                .key(key)
+                .body(ByteStream::from(body.to_vec()));
+            for (k, v) in metadata {
+                req = req.metadata(*k, *v);
+            }
+            req.send().await.unwrap();
+        });
+    }
+
+    /// Uploads with `sha256` and `commit-sha` metadata; returns the SHA-256.
+    pub fn publish(&self, bucket: &str, key: &str, body: &[u8], commit: &str) -> String {
+        let sha = sha256_hex(body);
+        self.put(
+            bucket,
+            key,
+            body,
+            &[("sha256", &sha), ("commit-sha", commit)],
+        );
+        sha
+    }
+
+    /// Uploads with an S3 SHA-256 checksum header of our choosing (base64 of `digest`).
+    pub fn put_with_checksum(&self, bucket: &str, key: &str, body: &[u8], digest: &[u8]) {
+        self.rt.block_on(async {
+            self.client
+                .put_object()
+                .bucket(bucket)
+                .key(key)
+                .checksum_algorithm(aws_sdk_s3::types::ChecksumAlgorithm::Sha256)
+                .checksum_sha256(aws_smithy_types::base64::encode(digest))
+                .body(ByteStream::from(body.to_vec()))
+                .send()
+                .await
+                .unwrap();
+        });
+    }
+}
+
+/// Builds tar archives in memory, including entries no well-behaved tool would write.
+pub struct Tarball {
+    builder: tar::Builder<Vec<u8>>,
+}
+
+impl Default for Tarball {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Tarball {
+    pub fn new() -> Tarball {
+        Tarball {
+            builder: tar::Builder::new(Vec::new()),
+        }
+    }
+
+    fn header(kind: tar::EntryType, mode: u32, size: u64) -> tar::Header {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(kind);
+        h.set_mode(mode);
+        h.set_size(size);
+        h.set_mtime(1_700_000_000);
+        h.set_uid(4242);
+        h.set_gid(4242);
+        h
+    }
+
+    pub fn file(mut self, path: &str, mode: u32, content: &[u8]) -> Self {
+        let mut h = Self::header(tar::EntryType::Regular, mode, content.len() as u64);
+        self.builder.append_data(&mut h, path, content).unwrap();
+        self
+    }
+
+    pub fn dir(mut self, path: &str, mode: u32) -> Self {
+        let mut h = Self::header(tar::EntryType::Directory, mode, 0);
+        self.builder.append_data(&mut h, path, &[][..]).unwrap();
+        self
+    }
+
+    pub fn symlink(mut self, path: &str, target: &str) -> Self {
+        let mut h = Self::header(tar::EntryType::Symlink, 0o777, 0);
+        self.builder.append_link(&mut h, path, target).unwrap();
+        self
+    }
+
+    /// An entry written byte for byte, bypassing the tar crate's own path checks.
+    pub fn raw(mut self, name: &str, kind: tar::EntryType, link: &str, data: &[u8]) -> Self {
+        let mut h = Self::header(kind, 0o644, data.len() as u64);
+        {
+            let old = h.as_old_mut();
+            old.name = [0; 100];
+            old.name[..name.len()].copy_from_slice(name.as_bytes());
+            old.linkname = [0; 100];
+            old.linkname[..link.len()].copy_from_slice(link.as_bytes());
+        }
+        h.set_cksum();
+        self.builder.append(&h, data).unwrap();
+        self
+    }
+
+    pub fn tar(self) -> Vec<u8> {
+        self.builder.into_inner().unwrap()
+    }
+
+    pub fn gz(self) -> Vec<u8> {
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        enc.write_all(&self.tar()).unwrap();
+        enc.finish().unwrap()
+    }
+
+    pub fn zst(self) -> Vec<u8> {
+        zstd::encode_all(&self.tar()[..], 3).unwrap()
+    }
+}
+
+/// A scratch host: its own state, runtime and config, and a bucket of its own on moto.
+pub struct Host {
+    pub dir: tempfile::TempDir,
+    pub bucket: String,
+    pub s3: S3,
+    pub config: PathBuf,
+    pub imds: Option<String>,
+    /// `app` in the config: names releases and the container project.
+    pub app: String,
+}
+
+pub fn unique(prefix: &str) -> String {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    )
+}
+
+impl Host {
+    pub fn new() -> Host {
+        Self::with(false, "", "")
+    }
+
+    /// `source` lines go into `[source]`; `extra` is appended after the other tables.
+    pub fn with(versioned: bool, source: &str, extra: &str) -> Host {
+        let s3 = S3::new();
+        let bucket = unique("deployd-test");
+        s3.create_bucket(&bucket, versioned);
+        let dir = tempfile::tempdir().unwrap();
+        let host = Host {
+            config: dir.path().join("deployd.toml"),
+            dir,
+            bucket,
+            s3,
+            imds: None,
+            app: "web".into(),
+        };
+        host.write_config(source, extra);
+        host
+    }
+
+    pub fn write_config(&self, source: &str, extra: &str) {
+        let d = self.dir.path().display();
+        let wait = if source.contains("wait_for_artifact") {
+            ""
+        } else {
+            "wait_for_artifact = \"2s\"\n"
+        };
+        let containers = if extra.contains("[containers]") {
+            ""
+        } else {
+            "[containers]\nenabled = false\n"
+        };
+        let text = format!(
+            "app = \"{}\"\nstate_dir = \"{d}/state\"\nruntime_dir = \"{d}/run\"\nenvironment_file = \"{d}/environment\"\n\n[source]\n{wait}{source}\n\n[s3]\nendpoint_url = \"{}\"\n\n{containers}\n{extra}\n",
+            self.app,
+            moto().endpoint
+        );
+        std::fs::write(&self.config, text).unwrap();
+    }
+
+    /// Sends this host's S3 traffic through `endpoint` (a proxy in front of moto).
+    pub fn route_s3_through(&self, endpoint: &str) {
+        let text = std::fs::read_to_string(&self.config).unwrap();
+        std::fs::write(&self.config, text.replace(&moto().endpoint, endpoint)).unwrap();
+    }
+
+    pub fn write_env(&self, text: &str) {
+        std::fs::write(self.dir.path().join("environment"), text).unwrap();
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_deployd"));
+        cmd.args(args)
+            .env("DEPLOYD_CONFIG", &self.config)
+            .env("AWS_ACCESS_KEY_ID", "test")
+            .env("AWS_SECRET_ACCESS_KEY", "test")
+            .env("AWS_REGION", "us-east-1")
+            .env("RUST_LOG", "info")
+            .env_remove("AWS_ENDPOINT_URL")
+            .env_remove("AWS_ENDPOINT_URL_S3")
+            .env_remove("AWS_PROFILE")
+            .env_remove("DEPLOYMENT_BUCKET")
+            .env_remove("DEPLOYMENT_KEY")
+            .env_remove("NOTIFY_SOCKET")
+            .stdin(Stdio::null());
+        match &self.imds {
+            Some(endpoint) => {
+                cmd.env_remove("AWS_EC2_METADATA_DISABLED")
+                    .env("AWS_EC2_METADATA_SERVICE_ENDPOINT", endpoint);
+            }
+            None => {
+                cmd.env("AWS_EC2_METADATA_DISABLED", "true");
+            }
+        }
+        cmd
+    }
+
+    /// Runs `deployd ARGS` to completion.
+    pub fn run(&self, args: &[&str]) -> Run {
+        let out = self.command(args).output().unwrap();
+        Run::from(out)
+    }
+
+    /// `deployd deploy --bucket <own bucket> --key KEY [extra]`.
+    pub fn deploy(&self, key: &str, extra: &[&str]) -> Run {
+        let mut args = vec!["deploy", "--bucket", &self.bucket, "--key", key];
+        args.extend_from_slice(extra);
+        self.run(&args)
+    }
+
+    /// The release `current` points at.
+    pub fn current(&self) -> Option<String> {
+        let link = std::fs::read_link(self.state_dir().join("current")).ok()?;
+        Some(link.file_name()?.to_string_lossy().into_owned())
+    }
+
+    pub fn current_dir(&self) -> PathBuf {
+        self.state_dir().join("current")
+    }
+
+    pub fn releases(&self) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(self.state_dir().join("releases"))
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
+    pub fn staging_entries(&self) -> usize {
+        std::fs::read_dir(self.state_dir().join("staging"))
+            .map(|rd| rd.count())
+            .unwrap_or(0)
+    }
+
+    pub fn manifest(&self) -> serde_json::Value {
+        let text = std::fs::read(self.current_dir().join(".deployd-release.json")).unwrap();
+        serde_json::from_slice(&text).unwrap()
+    }
+
+    pub fn state(&self) -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(self.state_dir().join("state.json")).unwrap())
+            .unwrap()
+    }
+
+    /// Every path under the host's directory, for "nothing escaped" checks.
+    pub fn all_paths(&self) -> Vec<PathBuf> {
+        fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+            if let Ok(rd) = std::fs::read_dir(dir) {
+                for e in rd.flatten() {
+                    let p = e.path();
+                    out.push(p.clone());
+                    if e.file_type().is_ok_and(|t| t.is_dir()) {
+                        walk(&p, out);
+                    }
+                }
+            }
+        }
+        let mut out = Vec::new();
+        walk(self.dir.path(), &mut out);
+        out
+    }
+}
+
+/// A finished `deployd` run.
+#[derive(Debug)]
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl From<Output> for Run {
+    fn from(out: Output) -> Self {
+        Run {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+}
+
+impl Run {
+    /// The final `deployd: error: ...` sentence.
+    pub fn error_line(&self) -> &str {
+        self.stderr
+            .lines()
+            .rev()
+            .find(|l| l.starts_with("deployd: error: "))
+            .unwrap_or("")
+    }
+
+    #[track_caller]
+    pub fn ok(&self) -> &Self {
+        assert_eq!(
+            self.code, 0,
+            "expected success:\n{}\n{}",
+            self.stdout, self.stderr
+        );
+        self
+    }
+
+    #[track_caller]
+    pub fn fails_with(&self, code: i32, needle: &str) -> &Self {
+        assert_eq!(
+            self.code, code,
+            "expected exit {code}:\nstdout: {}\nstderr: {}",
+            self.stdout, self.stderr
+        );
+        assert!(
+            self.error_line().contains(needle),
+            "expected {needle:?} in the error line {:?}\n{}",
+            self.error_line(),
+            self.stderr
+        );
+        self
+    }
+}
+
+/// A small application tree, different per `version`.
+pub fn app(version: &str) -> Tarball {
+    Tarball::new()
+        .dir("./", 0o755)
+        .file(
+            "./index.html",
+            0o644,
+            format!("<h1>{version}</h1>\n").as_bytes(),
+        )
+        .file("./bin/start.sh", 0o755, b"#!/bin/sh\necho start\n")
+        .file("./VERSION", 0o644, version.as_bytes())
+        .symlink("./bin/index", "../index.html")
+}
+
+pub fn metadata_map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// A gzipped tarball of everything under `dir`, as CI would pack a release.
+pub fn tar_gz_dir(dir: &Path) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    b.follow_symlinks(false);
+    b.append_dir_all(".", dir).unwrap();
+    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    enc.write_all(&b.into_inner().unwrap()).unwrap();
+    enc.finish().unwrap()
+}
+/// Writes `bytes` to a file under the host's directory and returns its path.
+pub fn write_file(host: &Host, name: &str, bytes: &[u8]) -> PathBuf {
+    let path = host.dir.path().join(name);
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
+impl Host {
+    /// `deployd publish FILE --bucket <own bucket> --app web --environment ENV [extra]`, with
+    /// the GitHub Actions variables cleared unless `extra_env` sets them.
+    pub fn publish(
+        &self,
+        file: &Path,
+        environment: &str,
+        extra: &[&str],
+        extra_env: &[(&str, &str)],
+    ) -> Run {
+        let mut cmd = self.command(&[
+            "publish",
+            file.to_str().unwrap(),
+            "--bucket",
+            &self.bucket,
+            "--app",
+            "web",
+            "--environment",
+            environment,
+        ]);
+        cmd.args(extra);
+        for var in [
+            "GITHUB_SHA",
+            "GITHUB_REF",
+            "GITHUB_REF_NAME",
+            "GITHUB_HEAD_REF",
+            "GITHUB_RUN_ID",
+            "GITHUB_OUTPUT",
+            "DEPLOYD_SIGN_PASSWORD",
+        ] {
+            cmd.env_remove(var);
+        }
+        for (k, v) in extra_env {
+            cmd.env(k, v);
+        }
+        Run::from(cmd.output().unwrap())
+    }
+
+    /// The key a successful `publish` printed.
+    pub fn published_key(run: &Run) -> String {
+        run.ok();
+        run.stdout.lines().last().unwrap_or("").trim().to_string()
+    }
+}
+
+impl S3 {
+    /// Every key in `bucket`, sorted.
+    pub fn keys(&self, bucket: &str) -> Vec<String> {
+        self.rt.block_on(async {
+            let mut out = Vec::new();
+            let mut pages = self
+                .client
+                .list_objects_v2()
+                .bucket(bucket)
+                .into_paginator()
+                .send();
+            while let Some(page) = pages.next().await {
+                for o in page.unwrap().contents() {
+                    out.push(o.key().unwrap().to_string());
+                }
+            }
+            out.sort();
+            out
+        })
+    }
+
+    pub fn get(&self, bucket: &str, key: &str) -> Vec<u8> {
+        self.rt.block_on(async {
+            let out = self
+                .client
+                .get_object()
+                .bucket(bucket)
+                .key(key)
+                .send()
+                .await
+                .unwrap();
+            out.body.collect().await.unwrap().into_bytes().to_vec()
+        })
+    }
+
+    pub fn head(
+        &self,
+        bucket: &str,
+        key: &str,
+    ) -> aws_sdk_s3::operation::head_object::HeadObjectOutput {
+        self.rt.block_on(async {
+            self.client
+                .head_object()
+                .bucket(bucket)
+                .key(key)
+                .checksum_mode(aws_sdk_s3::types::ChecksumMode::Enabled)
+                .send()
+                .await
+                .unwrap()
+        })
+    }
+}
+
+pub mod ec2;
+
+/// `len` incompressible bytes, the same for the same `seed`.
+pub fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    (0..len).map(|_| rng.u8(..)).collect()
+}

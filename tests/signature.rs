@@ -1,0 +1,141 @@
+//! minisign signatures end to end: `publish --sign` writes `<key>.minisig`; a host with
+//! `[source] public_key` deploys signed artifacts and refuses (exit 65, nothing activated)
+//! tampered ones, unsigned ones and ones signed by another key.
+
+mod common;
+
+use std::path::PathBuf;
+
+use common::{Host, app, sha256_hex, write_file};
+
+const COMMIT: &str = "5151515151515151515151515151515151515151";
+
+struct Keys {
+    secret: PathBuf,
+    public: String,
+}
+
+fn keys(host: &Host, name: &str) -> Keys {
+    let kp = minisign::KeyPair::generate_unencrypted_keypair().unwrap();
+    let secret = host.dir.path().join(name);
+    std::fs::write(&secret, kp.sk.to_box(None).unwrap().to_string()).unwrap();
+    Keys {
+        secret,
+        public: kp.pk.to_base64(),
+    }
+}
+
+/// A host that requires signatures from `keys`, serving a signed v1.
+fn signed_host() -> (Host, Keys, String) {
+    let host = Host::new();
+    let k = keys(&host, "ci.key");
+    host.write_config(&format!("public_key = \"{}\"\n", k.public), "");
+    let key = publish(&host, "v1", Some(&k));
+    host.deploy(&key, &["--no-containers"]).ok();
+    let release = host.current().unwrap();
+    (host, k, release)
+}
+
+fn publish(host: &Host, version: &str, k: Option<&Keys>) -> String {
+    let file = write_file(host, &format!("{version}.tar.gz"), &app(version).gz());
+    let mut args = vec!["--commit", COMMIT];
+    if let Some(k) = k {
+        args.extend_from_slice(&["--sign", k.secret.to_str().unwrap()]);
+    }
+    let key = Host::published_key(&host.publish(&file, "prod", &args, &[]));
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    key
+}
+
+#[track_caller]
+fn nothing_activated(host: &Host, release: &str) {
+    assert_eq!(host.current().as_deref(), Some(release));
+    assert_eq!(
+        std::fs::read_to_string(host.current_dir().join("VERSION")).unwrap(),
+        "v1"
+    );
+    assert_eq!(host.staging_entries(), 0, "the staged tree was removed");
+    assert_eq!(host.releases().len(), 1, "no second release was installed");
+}
+
+#[test]
+fn signed_artifact_is_accepted_and_the_minisig_is_standard() {
+    let (host, k, release) = signed_host();
+    let m = host.manifest();
+    let key = m["key"].as_str().unwrap().to_string();
+    assert!(release.ends_with("-51515151"));
+    let text = String::from_utf8(host.s3.get(&host.bucket, &format!("{key}.minisig"))).unwrap();
+    // Any minisign implementation can check it.
+    let pk = minisign_verify::PublicKey::from_base64(&k.public).unwrap();
+    let sig = minisign_verify::Signature::decode(&text).unwrap();
+    assert!(sig.trusted_comment().contains(&format!("key:{key}")));
+    assert!(sig.trusted_comment().contains(&format!("commit:{COMMIT}")));
+    let body = host.s3.get(&host.bucket, &key);
+    pk.verify(&body, &sig, false).unwrap();
+    let mut tampered = body.clone();
+    tampered[100] ^= 1;
+    assert!(pk.verify(&tampered, &sig, false).is_err());
+
+    // A second signed release deploys too.
+    let key2 = publish(&host, "v2", Some(&k));
+    host.deploy(&key2, &["--no-containers"]).ok();
+    assert_eq!(
+        std::fs::read_to_string(host.current_dir().join("VERSION")).unwrap(),
+        "v2"
+    );
+}
+
+#[test]
+fn tampered_artifact_is_refused_and_nothing_is_activated() {
+    let (host, k, release) = signed_host();
+    let key = publish(&host, "v2", Some(&k));
+    // Someone with write access replaces the bytes, and even fixes the sha256 metadata.
+    let evil = app("evil").gz();
+    host.s3.put(
+        &host.bucket,
+        &key,
+        &evil,
+        &[("sha256", &sha256_hex(&evil)), ("commit-sha", COMMIT)],
+    );
+    host.deploy(&key, &["--no-containers"])
+        .fails_with(65, "does not match its signature");
+    nothing_activated(&host, &release);
+    assert_eq!(host.state()["last_attempt"]["exit_code"], 65);
+}
+
+#[test]
+fn unsigned_artifact_is_refused() {
+    let (host, _k, release) = signed_host();
+    let key = publish(&host, "v2", None);
+    host.deploy(&key, &["--no-containers"])
+        .fails_with(65, "has no signature");
+    nothing_activated(&host, &release);
+}
+
+#[test]
+fn signature_from_another_key_or_garbage_is_refused() {
+    let (host, _k, release) = signed_host();
+    let other = keys(&host, "other.key");
+    let key = publish(&host, "v2", Some(&other));
+    host.deploy(&key, &["--no-containers"])
+        .fails_with(65, "another key");
+    nothing_activated(&host, &release);
+
+    host.s3.put(
+        &host.bucket,
+        &format!("{key}.minisig"),
+        b"untrusted comment: nope\nAAAA\n",
+        &[],
+    );
+    host.deploy(&key, &["--no-containers"])
+        .fails_with(65, "cannot be used");
+    nothing_activated(&host, &release);
+}
+
+#[test]
+fn a_bad_public_key_is_a_config_error() {
+    let host = Host::new();
+    host.write_config("public_key = \"RWQnot-a-key\"\n", "");
+    host.run(&["check-config"])
+        .fails_with(78, "source.public_key");
+}
