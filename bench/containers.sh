@@ -9,13 +9,15 @@
 # and prints time and cache hits per step kind, then deployd/CLI ratios.
 #
 # Usage: bench/containers.sh [ROUNDS]   (needs Docker, busybox-static, python3, curl)
+#   PROFILE=dev bench/containers.sh     use a debug build (the engine's time dominates every build)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${1:-1}
 MODES=${MODES:-deployd cli buildkit}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
-cargo build --release --example containers_build -q
-BIN=$CARGO_TARGET_DIR/release/examples/containers_build
+PROFILE=${PROFILE:-release}
+cargo build --profile "$PROFILE" --example containers_build -q
+BIN=$CARGO_TARGET_DIR/$([ "$PROFILE" = dev ] && echo debug || echo "$PROFILE")/examples/containers_build
 BASE=deployd-test-busybox:1
 SOCK=${DOCKER_HOST:-unix:///var/run/docker.sock}; SOCK=${SOCK#unix://}
 WORK=$(mktemp -d); trap 'rm -rf "$WORK"' EXIT
@@ -106,7 +108,7 @@ build_cli() {
     --label deployd.release=$rel --label deployd.commit=benchcommit $WORK/$name/$rel 2>&1)
   docker tag $repo:$rel $repo:latest
   t1=$(ms)
-  echo "$((t1-t0)) $(grep -c -- '---> Using cache' <<<"$out" || true) $(grep '^Step ' <<<"$out" | grep -vc ' : FROM ' || true) -"
+  echo "$((t1-t0)) $(grep -c -- '---> Using cache' <<<"$out" || true) $(grep '^Step ' <<<"$out" | grep -v ' : LABEL deployd\.' | grep -vc ' : FROM ' || true) -"
 }
 build_buildkit() {
   local name=$1 rel=$2 prev=${3:-} repo=bench-$name-app t0 t1 cf q
@@ -154,5 +156,5 @@ for name in fixture multistage; do
   done
 done
 echo
-echo "hits are cache hits / cacheable steps (all but FROM) of the build; deployd times include process start and engine connect."
+echo "hits are cache hits / cacheable steps (all but FROM and the LABEL steps the builder appends for --label) of the build; deployd times include process start and engine connect."
 $BIN 2>/dev/null || true

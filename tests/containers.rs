@@ -123,6 +123,99 @@ async fn lifecycle_serves_new_code_and_cache_from_survives_a_builder_prune() {
     assert_eq!(http_get(app.port, "/version"), (200, "v3\n".into()));
 }
 
+/// Cacheable steps of the multi-stage fixture whose inputs a code-only change leaves alone: the
+/// three of the `deps` stage and the runtime stage's RUN, COPY static, COPY --from=deps.
+const MULTISTAGE_UNCHANGED_STEPS: usize = 6;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multistage_builds_reuse_every_stage_after_a_prune_and_never_a_changed_input() {
+    let Some(engine) = engine().await else { return };
+    let _lock = ENGINE_LOCK.write().await;
+    let app = App::new("stages");
+    let repo = app.image_repo("backend");
+    let mut v = Variant::new("v1");
+    v.multistage = true;
+    let d1 = app.release("r1", &v);
+    let (b1, _) = deploy(&engine, &app, &rel("r1", &d1), None).await.unwrap();
+    assert_eq!(http_get(app.port, "/version"), (200, "v1\n".into()));
+    assert_eq!(
+        http_get(app.port, "/deps"),
+        (200, "left-pad@1.3.0\n".into())
+    );
+    let s1 = &b1.services[0];
+    assert_eq!(s1.stages, ["deps", "build"], "{s1:?}");
+    assert_eq!((s1.cache_hits, s1.cacheable_steps), (0, 12), "cold: {s1:?}");
+    let tags = app.image_tags();
+    for stage in ["deps", "build"] {
+        assert!(
+            tags.contains(&format!("{repo}:r1-stage-{stage}")),
+            "{tags:?}"
+        );
+    }
+
+    // Code-only change: the dependency stage is reused whole, the new code is served.
+    v.version = "v2".into();
+    let d2 = app.release("r2", &v);
+    let (b2, _) = deploy(&engine, &app, &rel("r2", &d2), Some(&rel("r1", &d1)))
+        .await
+        .unwrap();
+    assert_eq!(http_get(app.port, "/version"), (200, "v2\n".into()));
+    let s2 = &b2.services[0];
+    assert_eq!(s2.cache_hits, MULTISTAGE_UNCHANGED_STEPS, "{s2:?}");
+    assert_eq!(s2.cacheable_steps, 12, "{s2:?}");
+
+    // After the operator frees space, the previous release's stage images still give every
+    // unchanged step.
+    sh("docker builder prune -af >/dev/null && docker image prune -f >/dev/null");
+    v.version = "v3".into();
+    let d3 = app.release("r3", &v);
+    let (b3, _) = deploy(&engine, &app, &rel("r3", &d3), Some(&rel("r2", &d2)))
+        .await
+        .unwrap();
+    assert_eq!(http_get(app.port, "/version"), (200, "v3\n".into()));
+    let s3 = &b3.services[0];
+    assert_eq!(s3.cache_hits, MULTISTAGE_UNCHANGED_STEPS, "{s3:?}");
+    assert!(
+        s3.cache_from.contains(&format!("{repo}:r2-stage-deps")),
+        "{s3:?}"
+    );
+
+    // A dependency change: everything from the changed COPY on runs again, in every stage that
+    // depends on it, and the new dependencies are what is served.
+    v.version = "v4".into();
+    v.deps = "left-pad@1.3.1".into();
+    let d4 = app.release("r4", &v);
+    let (b4, _) = deploy(&engine, &app, &rel("r4", &d4), Some(&rel("r3", &d3)))
+        .await
+        .unwrap();
+    assert_eq!(
+        http_get(app.port, "/deps"),
+        (200, "left-pad@1.3.1\n".into())
+    );
+    assert_eq!(http_get(app.port, "/version"), (200, "v4\n".into()));
+    // deps: the first RUN; runtime: RUN and COPY static. Nothing after a changed input.
+    assert_eq!(b4.services[0].cache_hits, 3, "{:?}", b4.services[0]);
+
+    // A forced rebuild reuses nothing, stages included.
+    let p4 = app.load(&rel("r4", &d4));
+    let forced = engine
+        .build(&p4, &rel("r4", &d4), Some(&rel("r3", &d3)), true)
+        .await
+        .unwrap();
+    assert_eq!(forced.services[0].cache_hits, 0, "{:?}", forced.services[0]);
+
+    // Stage images go with their release.
+    engine
+        .retain(&app.project, &["r3".into(), "r4".into()])
+        .await
+        .unwrap();
+    let tags = app.image_tags();
+    assert!(!tags.iter().any(|t| t.contains(":r1")), "{tags:?}");
+    assert!(!tags.iter().any(|t| t.contains(":r2")), "{tags:?}");
+    assert!(tags.contains(&format!("{repo}:r3-stage-deps")), "{tags:?}");
+    assert!(tags.contains(&format!("{repo}:r4-stage-build")), "{tags:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clear_cache_makes_the_next_build_cold_and_the_one_after_warm() {
     let Some(engine) = engine().await else { return };

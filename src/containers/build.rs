@@ -6,11 +6,21 @@
 //! - the context directory as a streamed tar honouring `.dockerignore`;
 //! - the compose `args` plus `GIT_COMMIT_HASH` (the release's commit, when known);
 //! - the compose `labels` plus `deployd.project`, `deployd.release`, `deployd.commit`;
-//! - `cache_from`: the compose list plus, when they exist, the `image:` tag, this release's tag
-//!   (a retried release) and the previous release's image (`<image-repo>:<previous-release-id>`),
-//!   so unchanged steps hit even after the builder cache was pruned; nothing and `nocache` on a forced rebuild, or when the operator
-//!   cleared the caches since the previous release was built (a marker file written by
-//!   `clear_cache` into that release's directory).
+//! - `cache_from`: the compose list plus, when they exist, the `image:` tag, this release's tags
+//!   (a retried release) and the previous release's images (`<image-repo>:<previous-release-id>`
+//!   and its stage images), so unchanged steps hit even after the builder cache was pruned;
+//!   nothing and `nocache` on a forced rebuild, or when the operator cleared the caches since the
+//!   previous release was built (a marker file written by `clear_cache` into that release's
+//!   directory).
+//!
+//! A multi-stage Dockerfile is built one named stage at a time (`target=<stage>`), each stage
+//! tagged `<image-repo>:<release-id>-stage-<name>` and added to the `cache_from` of the builds
+//! after it. With `cache_from` set the classic builder reuses only layers in the listed images'
+//! own history, and a final image holds none of its earlier stages' layers: without the stage
+//! images every earlier stage (typically the dependency install) would run again on every
+//! deployment. Cache stays correct because the engine decides each hit from the instruction and
+//! the content it copies; deployd only offers candidates. Stage images carry the release's
+//! labels, so retention and `clear-cache` treat them like the release's own image.
 //!
 //! The image is tagged `<image-repo>:<release-id>` (what rollback and retention use) and `image:`
 //! itself (`watchparty-backend:latest`). Build output goes to tracing at debug level; the report
@@ -56,8 +66,10 @@ pub struct ServiceBuild {
     pub cacheable_steps: usize,
     /// Steps that were cache hits.
     pub cache_hits: usize,
-    /// The cache sources that were passed.
+    /// The cache sources the final build was given.
     pub cache_from: Vec<String>,
+    /// Named intermediate stages built and tagged before the final image.
+    pub stages: Vec<String>,
     /// Whether the build ran with `nocache`.
     pub no_cache: bool,
     pub duration: Duration,
@@ -68,17 +80,97 @@ pub fn release_image(service: &Service, release_id: &str) -> String {
     format!("{}:{release_id}", split_image(&service.image).0)
 }
 
+/// `<image-repo>:<release-id>-stage-<stage>`: the image of one named intermediate stage.
+pub fn stage_image(service: &Service, release_id: &str, stage: &str) -> String {
+    format!(
+        "{}:{release_id}-stage-{stage}",
+        split_image(&service.image).0
+    )
+}
+
+/// The named stages a build of `target` (else of the last stage) runs before it, in file
+/// order, lower-cased as the engine matches them. Empty for a single-stage Dockerfile, for an
+/// unknown target and for a Dockerfile that does not parse: the build itself then reports what
+/// is wrong, and the only cost of an empty list is cache that is not reused.
+pub fn intermediate_stages(dockerfile: &str, target: Option<&str>) -> Vec<String> {
+    let Ok(parsed) = parse_dockerfile::parse(dockerfile) else {
+        return Vec::new();
+    };
+    let names: Vec<Option<String>> = parsed
+        .stages()
+        .map(|s| {
+            s.from
+                .as_
+                .as_ref()
+                .map(|(_, n)| n.value.to_ascii_lowercase())
+        })
+        .collect();
+    let end = match target {
+        Some(t) => {
+            let t = t.to_ascii_lowercase();
+            match names.iter().position(|n| n.as_deref() == Some(t.as_str())) {
+                Some(i) => i,
+                None => return Vec::new(),
+            }
+        }
+        None => names.len().saturating_sub(1),
+    };
+    names[..end]
+        .iter()
+        .flatten()
+        .filter(|n| {
+            n.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        })
+        .cloned()
+        .collect()
+}
+
+/// Whether `image`'s tag is one the engine accepts (at most 128 characters).
+fn tag_fits(image: &str) -> bool {
+    split_image(image).1.len() <= 128
+}
+
 /// Counts build steps and cache hits in the classic builder's output.
+///
+/// A build of one stage prints the steps of every stage before it too (`Step n/m` numbers run
+/// across the whole Dockerfile); steps numbered up to `skip_upto` were counted by the build of an
+/// earlier stage of the same service and are not counted again. The builder appends one
+/// `LABEL key=value` step per label deployd passes; those are not the Dockerfile's steps (and
+/// never hit, since the release label changes), so they are left out.
 #[derive(Debug, Default)]
 struct StepCounter {
     partial: String,
+    skip_upto: usize,
+    /// Keys of the labels passed with the build.
+    label_keys: Vec<String>,
+    counting: bool,
     steps: usize,
     from_steps: usize,
     hits: usize,
+    /// The number of the last step that is the Dockerfile's own.
+    last_own: usize,
     image_id: Option<String>,
 }
 
 impl StepCounter {
+    fn new(skip_upto: usize, label_keys: Vec<String>) -> Self {
+        Self {
+            skip_upto,
+            label_keys,
+            ..Self::default()
+        }
+    }
+
+    /// Whether `instruction` is a label step the builder appended for a passed label.
+    fn appended_label(&self, instruction: &str) -> bool {
+        let Some(rest) = instruction.strip_prefix("LABEL ") else {
+            return false;
+        };
+        let key = rest.split_once('=').map_or(rest, |(k, _)| k).trim().trim_matches('"');
+        self.label_keys.iter().any(|k| k == key)
+    }
+
     fn feed(&mut self, service: &str, text: &str) {
         self.partial.push_str(text);
         while let Some(i) = self.partial.find('\n') {
@@ -93,15 +185,29 @@ impl StepCounter {
         }
         tracing::debug!(service, "{line}");
         if let Some(rest) = line.strip_prefix("Step ") {
-            self.steps += 1;
-            if rest
-                .split_once(" : ")
-                .is_some_and(|(_, i)| i.trim_start().to_ascii_uppercase().starts_with("FROM "))
-            {
-                self.from_steps += 1;
+            let (number, instruction) = rest.split_once(" : ").unwrap_or((rest, ""));
+            let instruction = instruction.trim_start();
+            let n = number
+                .split_once('/')
+                .map_or(number, |(n, _)| n)
+                .trim()
+                .parse::<usize>()
+                .unwrap_or(usize::MAX);
+            let own = !self.appended_label(instruction);
+            if own && n != usize::MAX {
+                self.last_own = self.last_own.max(n);
+            }
+            self.counting = own && n > self.skip_upto;
+            if self.counting {
+                self.steps += 1;
+                if instruction.to_ascii_uppercase().starts_with("FROM ") {
+                    self.from_steps += 1;
+                }
             }
         } else if line.trim() == "---> Using cache" {
-            self.hits += 1;
+            if self.counting {
+                self.hits += 1;
+            }
         } else if let Some(id) = line.strip_prefix("Successfully built ") {
             self.image_id.get_or_insert_with(|| id.trim().to_string());
         }
@@ -111,6 +217,17 @@ impl StepCounter {
         let rest = std::mem::take(&mut self.partial);
         self.line(service, rest.trim_end());
     }
+}
+
+/// One request to the engine's build endpoint: the final image of a service, or one of its
+/// intermediate stages.
+struct BuildRun<'a> {
+    tag: &'a str,
+    target: Option<&'a str>,
+    cache_from: &'a Vec<String>,
+    no_cache: bool,
+    /// Steps already counted by an earlier stage's build (see [`StepCounter`]).
+    skip_upto: usize,
 }
 
 impl Engine {
@@ -140,6 +257,10 @@ impl Engine {
         Ok(report)
     }
 
+    /// Build one service. A multi-stage Dockerfile is built one named stage at a time, each
+    /// tagged `<repo>:<release>-stage-<name>`: with `cache_from` set the classic builder takes
+    /// cache only from the listed images' own layers, and the final image holds none of the
+    /// earlier stages' layers, so without those tags every earlier stage would be rebuilt.
     async fn build_service(
         &self,
         project: &Project,
@@ -156,20 +277,30 @@ impl Engine {
         };
         let started = Instant::now();
         let tag = release_image(service, release.id);
-        let failed = |message: String| ContainerError::BuildFailed {
-            service: service.name.clone(),
-            image: tag.clone(),
-            message,
+        let stages: Vec<String> = match std::fs::read_to_string(spec.context.join(&spec.dockerfile))
+        {
+            Ok(text) => intermediate_stages(&text, spec.target.as_deref())
+                .into_iter()
+                .filter(|s| tag_fits(&stage_image(service, release.id, s)))
+                .collect(),
+            // The build reports a missing or unreadable Dockerfile in its own words.
+            Err(_) => Vec::new(),
         };
         let mut cache_from = Vec::new();
         if !no_cache {
             cache_from.extend(spec.cache_from.iter().cloned());
-            // The image's own tag and this release's tag (a retried release) when they exist,
-            // then the previous release's image: with `cache_from` set, the classic builder only
+            // The image's own tag and this release's tags (a retried release) when they exist,
+            // then the previous release's: with `cache_from` set, the classic builder only
             // takes cache from the listed images.
             let mut extra = vec![service.image.clone(), tag.clone()];
+            for stage in &stages {
+                extra.push(stage_image(service, release.id, stage));
+            }
             if let Some(prev) = previous {
                 extra.push(release_image(service, prev.id));
+                for stage in &stages {
+                    extra.push(stage_image(service, prev.id, stage));
+                }
             }
             for image in extra {
                 if !cache_from.contains(&image) && self.image_id(&image).await?.is_some() {
@@ -177,6 +308,124 @@ impl Engine {
                 }
             }
         }
+        // Without cache, only the stages this deployment has just built are cache sources: the
+        // first build runs with `nocache`, the later ones reuse nothing older than themselves.
+        let mut fresh: Vec<String> = Vec::new();
+        let mut counted = StepCounter::default();
+        for stage in &stages {
+            let stage_tag = stage_image(service, release.id, stage);
+            let sources = if no_cache { &fresh } else { &cache_from };
+            let out = self
+                .run_build(
+                    project,
+                    service,
+                    release,
+                    BuildRun {
+                        tag: &stage_tag,
+                        target: Some(stage),
+                        cache_from: sources,
+                        no_cache: no_cache && fresh.is_empty(),
+                        skip_upto: counted.last_own,
+                    },
+                )
+                .await?;
+            counted.steps += out.steps;
+            counted.from_steps += out.from_steps;
+            counted.hits += out.hits;
+            counted.last_own = out.last_own;
+            fresh.push(stage_tag.clone());
+            if !no_cache && !cache_from.contains(&stage_tag) {
+                cache_from.push(stage_tag);
+            }
+        }
+        let sources = if no_cache { fresh.clone() } else { cache_from };
+        let out = self
+            .run_build(
+                project,
+                service,
+                release,
+                BuildRun {
+                    tag: &tag,
+                    target: spec.target.as_deref(),
+                    cache_from: &sources,
+                    no_cache: no_cache && fresh.is_empty(),
+                    skip_upto: counted.last_own,
+                },
+            )
+            .await?;
+        let failed = |message: String| ContainerError::BuildFailed {
+            service: service.name.clone(),
+            image: tag.clone(),
+            message,
+        };
+        let image_id = match out.image_id {
+            Some(id) => id,
+            None => self
+                .image_id(&tag)
+                .await?
+                .ok_or_else(|| failed("the engine reported no image".into()))?,
+        };
+        let (repo, image_tag) = split_image(&service.image);
+        self.docker
+            .tag_image(
+                &tag,
+                Some(
+                    TagImageOptionsBuilder::new()
+                        .repo(repo)
+                        .tag(image_tag)
+                        .build(),
+                ),
+            )
+            .await
+            .map_err(|e| {
+                ContainerError::engine(format!("tagging {tag} as {}", service.image), e)
+            })?;
+        let steps = counted.steps + out.steps;
+        let built = ServiceBuild {
+            service: service.name.clone(),
+            image: tag,
+            image_id,
+            steps,
+            cacheable_steps: steps - counted.from_steps - out.from_steps,
+            cache_hits: counted.hits + out.hits,
+            cache_from: sources,
+            stages,
+            no_cache,
+            duration: started.elapsed(),
+        };
+        tracing::info!(
+            project = %project.name,
+            service = %built.service,
+            image = %built.image,
+            image_id = %built.image_id,
+            stages = built.stages.len(),
+            steps = built.steps,
+            cache_hits = built.cache_hits,
+            duration = ?built.duration,
+            "image built"
+        );
+        Ok(built)
+    }
+
+    /// Send one build to the engine and follow its output to the end.
+    async fn run_build(
+        &self,
+        project: &Project,
+        service: &Service,
+        release: &ReleaseRef<'_>,
+        run: BuildRun<'_>,
+    ) -> Result<StepCounter, ContainerError> {
+        let Some(spec) = &service.build else {
+            return Err(ContainerError::Internal {
+                action: format!("building service `{}`", service.name),
+                message: "the service has no build section".into(),
+            });
+        };
+        let failed = |message: String| ContainerError::BuildFailed {
+            service: service.name.clone(),
+            image: run.tag.to_string(),
+            message,
+        };
         let mut args: HashMap<String, String> = spec
             .args
             .iter()
@@ -198,25 +447,26 @@ impl Engine {
         );
         let mut options = BuildImageOptionsBuilder::new()
             .dockerfile(&spec.dockerfile)
-            .t(&tag)
+            .t(run.tag)
             .rm(true)
             .forcerm(true)
-            .nocache(no_cache)
+            .nocache(run.no_cache)
             .buildargs(&args)
             .labels(&labels)
             .version(BuilderVersion::BuilderV1);
-        if !cache_from.is_empty() {
-            options = options.cachefrom(&cache_from);
+        if !run.cache_from.is_empty() {
+            options = options.cachefrom(run.cache_from);
         }
-        if let Some(target) = &spec.target {
+        if let Some(target) = run.target {
             options = options.target(target);
         }
         tracing::info!(
             project = %project.name,
             service = %service.name,
-            image = %tag,
-            ?cache_from,
-            no_cache,
+            image = %run.tag,
+            target = run.target.unwrap_or(""),
+            cache_from = ?run.cache_from,
+            no_cache = run.no_cache,
             "building image"
         );
         let context = stream_context(spec.context.clone(), spec.dockerfile.clone());
@@ -225,7 +475,7 @@ impl Engine {
             None,
             Some(bollard::body_stream(context.body)),
         );
-        let mut counter = StepCounter::default();
+        let mut counter = StepCounter::new(run.skip_upto, labels.keys().cloned().collect());
         let mut aux_id = None;
         let mut error = None;
         while let Some(item) = stream.next().await {
@@ -265,50 +515,10 @@ impl Engine {
         if let Some(message) = error {
             return Err(failed(message.trim().to_string()));
         }
-        let image_id = match aux_id.or(counter.image_id.clone()) {
-            Some(id) => id,
-            None => self
-                .image_id(&tag)
-                .await?
-                .ok_or_else(|| failed("the engine reported no image".into()))?,
-        };
-        let (repo, image_tag) = split_image(&service.image);
-        self.docker
-            .tag_image(
-                &tag,
-                Some(
-                    TagImageOptionsBuilder::new()
-                        .repo(repo)
-                        .tag(image_tag)
-                        .build(),
-                ),
-            )
-            .await
-            .map_err(|e| {
-                ContainerError::engine(format!("tagging {tag} as {}", service.image), e)
-            })?;
-        let built = ServiceBuild {
-            service: service.name.clone(),
-            image: tag,
-            image_id,
-            steps: counter.steps,
-            cacheable_steps: counter.steps - counter.from_steps,
-            cache_hits: counter.hits,
-            cache_from,
-            no_cache,
-            duration: started.elapsed(),
-        };
-        tracing::info!(
-            project = %project.name,
-            service = %built.service,
-            image = %built.image,
-            image_id = %built.image_id,
-            steps = built.steps,
-            cache_hits = built.cache_hits,
-            duration = ?built.duration,
-            "image built"
-        );
-        Ok(built)
+        if aux_id.is_some() {
+            counter.image_id = aux_id;
+        }
+        Ok(counter)
     }
 
     /// The id of an image, or `None` when the engine does not have it.
@@ -345,5 +555,64 @@ mod tests {
         c.finish("s");
         assert_eq!((c.steps, c.from_steps, c.hits), (3, 1, 1));
         assert_eq!(c.image_id.as_deref(), Some("123"));
+        assert_eq!(c.last_own, 3);
+    }
+
+    #[test]
+    fn steps_an_earlier_stage_build_counted_are_skipped() {
+        // A build of the final stage prints the first stage's steps again (all cache hits).
+        let mut c = StepCounter::new(2, vec!["deployd.release".into()]);
+        c.feed(
+            "s",
+            "Step 1/5 : FROM base AS deps\n ---> abc\nStep 2/5 : RUN make deps\n ---> Using cache\n",
+        );
+        c.feed(
+            "s",
+            "Step 3/5 : FROM base\n ---> abc\nStep 4/5 : COPY --from=deps /d /d\n ---> Using cache\n",
+        );
+        c.feed("s", "Step 5/6 : COPY src /src\n ---> 9f\n");
+        c.feed("s", "Step 6/6 : LABEL deployd.release=r2\n ---> 9a\n");
+        c.finish("s");
+        assert_eq!((c.steps, c.from_steps, c.hits, c.last_own), (3, 1, 1, 5));
+    }
+
+    #[test]
+    fn intermediate_stages_are_the_named_ones_before_the_target() {
+        let dockerfile = "\
+# syntax=docker/dockerfile:1
+ARG BASE=busybox
+FROM --platform=linux/amd64 ${BASE} AS Deps
+RUN make deps
+FROM deps as build
+RUN make \\
+    build
+FROM ${BASE}
+COPY --from=0 /d /d
+FROM build AS test
+RUN make test
+FROM ${BASE} AS runtime
+COPY --from=build /app /app
+";
+        assert_eq!(
+            intermediate_stages(dockerfile, None),
+            ["deps", "build", "test"]
+        );
+        assert_eq!(intermediate_stages(dockerfile, Some("BUILD")), ["deps"]);
+        assert_eq!(
+            intermediate_stages(dockerfile, Some("deps")),
+            Vec::<String>::new()
+        );
+        assert_eq!(
+            intermediate_stages(dockerfile, Some("nope")),
+            Vec::<String>::new()
+        );
+        assert_eq!(
+            intermediate_stages("FROM busybox\nRUN true\n", None),
+            Vec::<String>::new()
+        );
+        assert_eq!(
+            intermediate_stages("RUN before from\n", None),
+            Vec::<String>::new()
+        );
     }
 }

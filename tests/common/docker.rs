@@ -155,6 +155,10 @@ pub struct Variant {
     pub extra_service_yaml: String,
     /// Whether to add the frontend service.
     pub frontend: bool,
+    /// Build the backend from a three-stage Dockerfile (`deps`, `build`, runtime) instead.
+    pub multistage: bool,
+    /// The dependency manifest the multi-stage `deps` stage installs (served at `/deps`).
+    pub deps: String,
 }
 
 impl Variant {
@@ -165,6 +169,8 @@ impl Variant {
             health_path: "/version".into(),
             extra_service_yaml: String::new(),
             frontend: false,
+            multistage: false,
+            deps: "left-pad@1.3.0".into(),
         }
     }
 }
@@ -211,6 +217,30 @@ impl App {
              CMD [\"httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/www\"]\n",
             extra = v.extra_dockerfile
         );
+        let dockerfile = if v.multistage {
+            std::fs::write(dir.join("deps.txt"), format!("{}\n", v.deps)).unwrap();
+            format!(
+                "FROM {BASE_IMAGE} AS deps\n\
+                 RUN mkdir -p /deps && echo toolchain > /deps/toolchain && sleep 0.2\n\
+                 COPY deps.txt /deps/\n\
+                 RUN cat /deps/deps.txt > /deps/installed && sleep 0.2\n\
+                 FROM deps AS build\n\
+                 COPY app/ /src/\n\
+                 RUN cat /src/version > /app.bin\n\
+                 FROM {BASE_IMAGE}\n\
+                 RUN mkdir -p /www && echo base > /www/base.txt\n\
+                 COPY static/ /www/static/\n\
+                 COPY --from=deps /deps/installed /www/deps\n\
+                 COPY --from=build /app.bin /www/version\n\
+                 {extra}\
+                 ARG GIT_COMMIT_HASH=unknown\n\
+                 RUN echo \"$GIT_COMMIT_HASH\" > /www/commit\n\
+                 CMD [\"httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/www\"]\n",
+                extra = v.extra_dockerfile
+            )
+        } else {
+            dockerfile
+        };
         std::fs::write(dir.join("Dockerfile"), dockerfile).unwrap();
         let mut compose = format!(
             r#"version: "3.8"
