@@ -196,6 +196,24 @@ async fn multistage_builds_reuse_every_stage_after_a_prune_and_never_a_changed_i
     // deps: the first RUN; runtime: RUN and COPY static. Nothing after a changed input.
     assert_eq!(b4.services[0].cache_hits, 3, "{:?}", b4.services[0]);
 
+    // Stage images are not labelled (each label is one more build step), only the final one.
+    let labels = sh(&format!(
+        "docker inspect -f '{{{{json .Config.Labels}}}}' {repo}:r4-stage-deps {repo}:r4"
+    ));
+    let mut labels = labels.lines();
+    assert!(
+        !labels
+            .next()
+            .unwrap_or_default()
+            .contains("deployd.release")
+    );
+    assert!(
+        labels
+            .next()
+            .unwrap_or_default()
+            .contains("\"deployd.release\":\"r4\"")
+    );
+
     // A forced rebuild reuses nothing, stages included.
     let p4 = app.load(&rel("r4", &d4));
     let forced = engine
@@ -214,6 +232,15 @@ async fn multistage_builds_reuse_every_stage_after_a_prune_and_never_a_changed_i
     assert!(!tags.iter().any(|t| t.contains(":r2")), "{tags:?}");
     assert!(tags.contains(&format!("{repo}:r3-stage-deps")), "{tags:?}");
     assert!(tags.contains(&format!("{repo}:r4-stage-build")), "{tags:?}");
+
+    // Clearing caches removes stage images too, but never what serves.
+    engine
+        .clear_cache(&app.project, std::slice::from_ref(&d4), &[])
+        .await
+        .unwrap();
+    let tags = app.image_tags();
+    assert!(!tags.iter().any(|t| t.contains("-stage-")), "{tags:?}");
+    assert_eq!(http_get(app.port, "/version"), (200, "v4\n".into()));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -19,8 +19,9 @@
 //! own history, and a final image holds none of its earlier stages' layers: without the stage
 //! images every earlier stage (typically the dependency install) would run again on every
 //! deployment. Cache stays correct because the engine decides each hit from the instruction and
-//! the content it copies; deployd only offers candidates. Stage images carry the release's
-//! labels, so retention and `clear-cache` treat them like the release's own image.
+//! the content it copies; deployd only offers candidates. Stage builds pass no labels (each
+//! label costs the classic builder one more step); retention and `clear-cache` find stage images
+//! by their tags and treat them like the release's own image.
 //!
 //! The image is tagged `<image-repo>:<release-id>` (what rollback and retention use) and `image:`
 //! itself (`watchparty-backend:latest`). Build output goes to tracing at debug level; the report
@@ -167,7 +168,11 @@ impl StepCounter {
         let Some(rest) = instruction.strip_prefix("LABEL ") else {
             return false;
         };
-        let key = rest.split_once('=').map_or(rest, |(k, _)| k).trim().trim_matches('"');
+        let key = rest
+            .split_once('=')
+            .map_or(rest, |(k, _)| k)
+            .trim()
+            .trim_matches('"');
         self.label_keys.iter().any(|k| k == key)
     }
 
@@ -228,6 +233,8 @@ struct BuildRun<'a> {
     no_cache: bool,
     /// Steps already counted by an earlier stage's build (see [`StepCounter`]).
     skip_upto: usize,
+    /// An intermediate stage's build (no labels), not the service's final image.
+    stage: bool,
 }
 
 impl Engine {
@@ -326,6 +333,7 @@ impl Engine {
                         cache_from: sources,
                         no_cache: no_cache && fresh.is_empty(),
                         skip_upto: counted.last_own,
+                        stage: true,
                     },
                 )
                 .await?;
@@ -350,6 +358,7 @@ impl Engine {
                     cache_from: &sources,
                     no_cache: no_cache && fresh.is_empty(),
                     skip_upto: counted.last_own,
+                    stage: false,
                 },
             )
             .await?;
@@ -434,17 +443,18 @@ impl Engine {
         if let Some(commit) = release.commit {
             args.insert("GIT_COMMIT_HASH".into(), commit.to_string());
         }
-        let mut labels: HashMap<String, String> = spec
-            .labels
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        labels.insert("deployd.project".into(), project.name.clone());
-        labels.insert("deployd.release".into(), release.id.to_string());
-        labels.insert(
-            "deployd.commit".into(),
-            release.commit.unwrap_or("unknown").to_string(),
-        );
+        // Only the final image is labelled: the classic builder appends one build step per
+        // label, and stage images are found by their tags instead (see the cache module).
+        let mut labels: HashMap<String, String> = HashMap::new();
+        if !run.stage {
+            labels.extend(spec.labels.iter().map(|(k, v)| (k.clone(), v.clone())));
+            labels.insert("deployd.project".into(), project.name.clone());
+            labels.insert("deployd.release".into(), release.id.to_string());
+            labels.insert(
+                "deployd.commit".into(),
+                release.commit.unwrap_or("unknown").to_string(),
+            );
+        }
         let mut options = BuildImageOptionsBuilder::new()
             .dockerfile(&spec.dockerfile)
             .t(run.tag)

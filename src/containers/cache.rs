@@ -15,7 +15,8 @@
 //! [`Engine::retain`] runs after a successful deployment: images built for releases that are no
 //! longer kept are removed, as are the project's dangling images. Images used by any container
 //! are never removed, so the serving release's images always stay; the caller keeps the previous
-//! good release in the list it passes.
+//! good release in the list it passes. Stage images of multi-stage builds
+//! (`<repo>:<release>-stage-<name>`) follow their release in both.
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -26,6 +27,7 @@ use bollard::query_parameters::{
 };
 
 use super::CACHE_CLEARED_MARKER;
+use super::compose::split_image;
 use super::engine::Engine;
 use super::error::{ContainerError, is_not_found};
 
@@ -53,6 +55,13 @@ impl Engine {
     ) -> Result<ClearReport, ContainerError> {
         let mut report = ClearReport::default();
         let in_use = self.images_in_use(project).await?;
+        // Stage images first: they are found through the repositories of the labelled images,
+        // whose tags the loop below removes.
+        for (tag, _) in self.stage_images(project).await? {
+            if self.remove_tag(&tag).await? {
+                report.images_removed.push(tag);
+            }
+        }
         for image in self.project_images(project, false).await? {
             for tag in &image.repo_tags {
                 if tag == "<none>:<none>" || in_use.refs.contains(tag) {
@@ -122,6 +131,12 @@ impl Engine {
         let in_use = self.images_in_use(project).await?;
         let keep: BTreeSet<&str> = keep_release_ids.iter().map(String::as_str).collect();
         let mut removed = 0;
+        for (tag, release) in self.stage_images(project).await? {
+            if !keep.contains(release.as_str()) && self.remove_tag(&tag).await? {
+                tracing::info!(project, image = %tag, release, "removed old stage image");
+                removed += 1;
+            }
+        }
         for image in self.project_images(project, false).await? {
             let release = image.labels.get("deployd.release").map(String::as_str);
             if in_use.ids.contains(&image.id) || release.is_none_or(|r| keep.contains(r)) {
@@ -162,6 +177,43 @@ impl Engine {
             ))
             .await
             .map_err(|e| ContainerError::engine(format!("listing images of {project}"), e))
+    }
+
+    /// Stage images (`<repo>:<release>-stage-<name>`, see the build module) in the project's image
+    /// repositories, with the release each belongs to. They carry no labels: the classic builder
+    /// turns every label into one more build step, which each stage's build would pay for.
+    async fn stage_images(&self, project: &str) -> Result<Vec<(String, String)>, ContainerError> {
+        let mut repos = BTreeSet::new();
+        for image in self.project_images(project, false).await? {
+            for tag in &image.repo_tags {
+                if tag != "<none>:<none>" {
+                    repos.insert(split_image(tag).0.to_string());
+                }
+            }
+        }
+        let mut stages = Vec::new();
+        for repo in repos {
+            let filters = HashMap::from([("reference", vec![format!("{repo}:*-stage-*")])]);
+            let images = self
+                .docker
+                .list_images(Some(
+                    ListImagesOptionsBuilder::new().filters(&filters).build(),
+                ))
+                .await
+                .map_err(|e| {
+                    ContainerError::engine(format!("listing stage images of {repo}"), e)
+                })?;
+            for tag in images.into_iter().flat_map(|i| i.repo_tags) {
+                let (tag_repo, tag_name) = split_image(&tag);
+                if tag_repo != repo {
+                    continue;
+                }
+                if let Some((release, _)) = tag_name.split_once("-stage-") {
+                    stages.push((tag.clone(), release.to_string()));
+                }
+            }
+        }
+        Ok(stages)
     }
 
     /// Image references and ids used by any container of the project.

@@ -320,10 +320,10 @@ services:
         .collect()
     }
 
-    /// Tags of the project's images.
+    /// Tags in the project's image repositories (stage images carry no labels).
     pub fn image_tags(&self) -> Vec<String> {
         sh(&format!(
-            "docker images --format '{{{{.Repository}}}}:{{{{.Tag}}}}' --filter label=deployd.project={}",
+            "docker images --format '{{{{.Repository}}}}:{{{{.Tag}}}}' --filter 'reference={}-*:*'",
             self.project
         ))
         .lines()
@@ -340,6 +340,7 @@ impl Drop for App {
             .arg(format!(
                 "docker rm -f $(docker ps -aq --filter label=com.docker.compose.project={p}) ; \
                  docker rmi -f $(docker images -q --filter label=deployd.project={p} | sort -u) ; \
+                 docker rmi -f $(docker images -q --filter 'reference={p}-*:*' | sort -u) ; \
                  docker network rm {p}_default ; true"
             ))
             .output();
