@@ -364,17 +364,7 @@ impl Deployer {
             }
         };
 
-        if let Some(expected) = &verified.expected_sha256
-            && !expected.eq_ignore_ascii_case(&staged.downloaded.sha256)
-        {
-            return Err(DeployError::Checksum {
-                bucket: verified.bucket.clone(),
-                key: verified.key.clone(),
-                expected: expected.clone(),
-                expected_from: verified.sha256_source.clone().unwrap_or_default(),
-                actual: staged.downloaded.sha256.clone(),
-            });
-        }
+        check_sha256(&verified, &staged.downloaded)?;
 
         // The last safe point: from here to the end the work is synchronous and short.
         self.check_cancel()?;
@@ -622,12 +612,16 @@ impl Deployer {
         Ok(same.then_some(cur.id))
     }
 
-    /// Downloads and unpacks concurrently into a new staging directory.
+    /// Downloads and unpacks concurrently into a new staging directory; with a signature to
+    /// check, downloads, verifies, then unpacks (see [`Self::fetch_verify_unpack`]).
     async fn fetch_and_unpack(
         &self,
         v: &Verified,
         signed: Option<&Signed>,
     ) -> Result<Staged, DeployError> {
+        if let Some(signed) = signed {
+            return self.fetch_verify_unpack(v, signed).await;
+        }
         let staging = self.layout.new_staging()?;
         let dest = staging.path().to_path_buf();
         let limits = unpack::Limits {
@@ -644,29 +638,15 @@ impl Deployer {
         });
         let size = v.size;
         let mut progress = |done: u64| self.reporter.progress(done, size);
-        let mut verifier = signed.map(Signed::verifier).transpose()?;
-        let mut observe = |chunk: &[u8]| {
-            if let Some(v) = verifier.as_mut() {
-                v.update(chunk);
-            }
-        };
         // On cancellation the download is dropped, which closes the channel; the unpacker then
         // stops with an error and removes its staging tree before the join below returns.
         let fetched = tokio::select! {
-            r = fetch::download_observed(&self.s3, v, tx, &mut progress, &mut observe) => Some(r),
+            r = fetch::download(&self.s3, v, tx, &mut progress) => Some(r),
             _ = self.cancelled() => None,
         };
         let (staging, unpacked) = unpacker
             .await
             .map_err(|e| DeployError::Internal(format!("unpacking ({e})")))?;
-        // A complete download with a bad signature is reported as such whatever the unpacker
-        // made of it; dropping `staging` removes the tree.
-        if matches!(fetched, Some(Ok(_)))
-            && let (Some(signed), Some(verifier)) = (signed, verifier)
-        {
-            signed.finish(verifier)?;
-            tracing::info!(bucket = %v.bucket, key = %v.key, "signature verified");
-        }
         let unpack_err = |source| DeployError::Unpack {
             bucket: v.bucket.clone(),
             key: v.key.clone(),
@@ -685,6 +665,94 @@ impl Deployer {
             }),
             (Err(FetchError::ConsumerGone), Err(e)) | (Ok(_), Err(e)) => Err(unpack_err(e)),
             (Err(e), _) => Err(e.into()),
+        }
+    }
+
+    /// The signed path: the artifact is spooled to a file under `staging/` while its SHA-256
+    /// and signature are computed, and unpacked from that file only once both verified, so bytes
+    /// nobody signed never reach the decompressor or the tar parser. It gives up the overlap of
+    /// download and unpack, and needs the artifact's size in disk space while it runs.
+    async fn fetch_verify_unpack(
+        &self,
+        v: &Verified,
+        signed: &Signed,
+    ) -> Result<Staged, DeployError> {
+        let spool = self.layout.new_staging()?;
+        let spool_file = spool.path().join("artifact");
+        let (tx, rx) = mpsc::channel(fetch::CHANNEL_DEPTH);
+        let writer = {
+            let path = spool_file.clone();
+            tokio::task::spawn_blocking(move || -> std::io::Result<u64> {
+                let mut out =
+                    std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&path)?);
+                let n = std::io::copy(&mut ChannelReader::new(rx), &mut out)?;
+                out.into_inner()
+                    .map_err(std::io::IntoInnerError::into_error)?;
+                Ok(n)
+            })
+        };
+        let size = v.size;
+        let mut progress = |done: u64| self.reporter.progress(done, size);
+        let mut verifier = signed.verifier()?;
+        let mut observe = |chunk: &[u8]| verifier.update(chunk);
+        let fetched = tokio::select! {
+            r = fetch::download_observed(&self.s3, v, tx, &mut progress, &mut observe) => Some(r),
+            _ = self.cancelled() => None,
+        };
+        let written = writer
+            .await
+            .map_err(|e| DeployError::Internal(format!("spooling the artifact ({e})")))?;
+        let Some(fetched) = fetched else {
+            return Err(DeployError::Cancelled);
+        };
+        let downloaded = fetched?;
+        written.map_err(|e| {
+            DeployError::Internal(format!("writing {} ({e})", spool_file.display()))
+        })?;
+        signed.finish(verifier)?;
+        tracing::info!(bucket = %v.bucket, key = %v.key, "signature verified");
+        check_sha256(v, &downloaded)?;
+        self.check_cancel()?;
+
+        self.reporter.stage("unpacking", Some(v.url()));
+        let staging = self.layout.new_staging()?;
+        let dest = staging.path().to_path_buf();
+        let limits = unpack::Limits {
+            max_entries: self.cfg.unpack.max_entries,
+            max_bytes: self.cfg.unpack.max_bytes.0,
+            max_path_len: self.cfg.unpack.max_path_len,
+        };
+        let (staging, unpacked) = tokio::task::spawn_blocking(move || {
+            let result = std::fs::File::open(&spool_file)
+                .map_err(|source| unpack::UnpackError::Io {
+                    action: "open",
+                    path: spool_file.clone(),
+                    source,
+                })
+                .and_then(|f| {
+                    unpack::unpack(
+                        std::io::BufReader::with_capacity(1 << 20, f),
+                        &dest,
+                        &limits,
+                    )
+                });
+            (staging, result)
+        })
+        .await
+        .map_err(|e| DeployError::Internal(format!("unpacking ({e})")))?;
+        drop(spool);
+        match unpacked {
+            Ok((compression, stats)) => Ok(Staged {
+                staging,
+                downloaded,
+                compression,
+                stats,
+            }),
+            Err(source) => Err(DeployError::Unpack {
+                bucket: v.bucket.clone(),
+                key: v.key.clone(),
+                source,
+            }),
         }
     }
 
@@ -815,5 +883,21 @@ impl Deployer {
             };
             tags.write(&self.imds, &update).await;
         }
+    }
+}
+
+/// The downloaded bytes must have the expected SHA-256, when one is known.
+fn check_sha256(v: &Verified, downloaded: &Downloaded) -> Result<(), DeployError> {
+    match &v.expected_sha256 {
+        Some(expected) if !expected.eq_ignore_ascii_case(&downloaded.sha256) => {
+            Err(DeployError::Checksum {
+                bucket: v.bucket.clone(),
+                key: v.key.clone(),
+                expected: expected.clone(),
+                expected_from: v.sha256_source.clone().unwrap_or_default(),
+                actual: downloaded.sha256.clone(),
+            })
+        }
+        _ => Ok(()),
     }
 }

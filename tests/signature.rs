@@ -1,12 +1,13 @@
 //! minisign signatures end to end: `publish --sign` writes `<key>.minisig`; a host with
 //! `[source] public_key` deploys signed artifacts and refuses (exit 65, nothing activated)
-//! tampered ones, unsigned ones and ones signed by another key.
+//! tampered ones, unsigned ones and ones signed by another key. A signed artifact is verified
+//! before it is unpacked: bytes nobody signed never reach the decompressor or the tar parser.
 
 mod common;
 
 use std::path::PathBuf;
 
-use common::{Host, app, sha256_hex, write_file};
+use common::{Host, Tarball, app, noise, sha256_hex, write_file};
 
 const COMMIT: &str = "5151515151515151515151515151515151515151";
 
@@ -101,6 +102,34 @@ fn tampered_artifact_is_refused_and_nothing_is_activated() {
         .fails_with(65, "does not match its signature");
     nothing_activated(&host, &release);
     assert_eq!(host.state()["last_attempt"]["exit_code"], 65);
+}
+
+#[test]
+fn a_tampered_hostile_archive_never_reaches_the_unpacker() {
+    let (host, k, release) = signed_host();
+    let key = publish(&host, "v2", Some(&k));
+    // An archive the unpacker would refuse at its first entry, followed by 32 MiB: had it been
+    // unpacked while downloading, the unpacker's refusal would have stopped the download and
+    // been the error. With a signature required it is never parsed: the signature fails first.
+    let evil = Tarball::new()
+        .raw("../evil", tar::EntryType::Regular, "", b"pwned")
+        .file("./padding", 0o644, &noise(7, 32 << 20))
+        .gz();
+    host.s3.put(
+        &host.bucket,
+        &key,
+        &evil,
+        &[("sha256", &sha256_hex(&evil)), ("commit-sha", COMMIT)],
+    );
+    let run = host.deploy(&key, &["--no-containers"]);
+    run.fails_with(65, "does not match its signature");
+    assert!(
+        !run.stderr.contains("refusing archive entry"),
+        "the unpacker saw unsigned bytes:\n{}",
+        run.stderr
+    );
+    nothing_activated(&host, &release);
+    assert!(!host.dir.path().join("evil").exists());
 }
 
 #[test]
