@@ -6,8 +6,11 @@
 #   (d) (c) followed by sync: deployd syncs the tree before activating it, tar does not
 # on one local S3 server and one tar.gz of mixed small and large files (default 256 MiB), plus
 # deployd's peak RSS for that artifact and for a 1 GiB one. Prints the times and the ratios.
+# With SIGNED=1 the artifact is signed with minisign and deployd requires the signature (it then
+# downloads, verifies, and only then unpacks); (a) becomes aws s3 cp + minisign -V + tar -xzf.
 #
 #   bench/pipeline.sh [SIZE_MIB] [RUNS]     (needs a release build: cargo build --release)
+#   SIGNED=1 SKIP_1G=1 bench/pipeline.sh    (installs Debian's minisign for the baseline)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 size_mib=${1:-256}
@@ -16,6 +19,10 @@ deployd=${DEPLOYD:-$PWD/target/release/deployd}
 [ -x "$deployd" ] || { echo "build first: cargo build --release" >&2; exit 1; }
 command -v moto_server >/dev/null || python3 -m pip install --quiet 'moto[server]'
 command -v aws >/dev/null || python3 -m pip install --quiet awscli
+signed=${SIGNED:-0}
+if [ "$signed" = 1 ] && ! command -v minisign >/dev/null; then
+    apt-get install -y -qq minisign >/dev/null
+fi
 
 work=$(mktemp -d /var/tmp/deployd-bench.XXXXXX)
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
@@ -80,6 +87,10 @@ enabled = false
 [releases]
 keep = 2
 TOML
+if [ "$signed" = 1 ]; then
+    minisign -G -W -p "$work/bench.pub" -s "$work/bench.key" >/dev/null
+    printf '[source]\npublic_key = "%s"\n' "$(tail -1 "$work/bench.pub")" >>"$work/deployd.toml"
+fi
 export DEPLOYD_CONFIG="$work/deployd.toml"
 
 run_size() {
@@ -89,12 +100,20 @@ run_size() {
     local bytes; bytes=$(stat -c %s "$file")
     aws --endpoint-url "$endpoint" s3 cp "$file" "s3://bench/$key" --quiet \
         --metadata "sha256=$(sha256sum "$file" | cut -d' ' -f1)"
+    if [ "$signed" = 1 ]; then
+        minisign -S -s "$work/bench.key" -m "$file" -x "$file.minisig" >/dev/null
+        aws --endpoint-url "$endpoint" s3 cp "$file.minisig" "s3://bench/$key.minisig" --quiet
+    fi
     echo "artifact: $bytes bytes ($(tar -tzf "$file" | wc -l) entries)"
     local a=() b=() c=() d=()
     for r in $(seq "$runs"); do
         sync; rm -rf "$work/x" "$work/dl.tar.gz"; mkdir "$work/x"
         t0=$(now)
         aws --endpoint-url "$endpoint" s3 cp "s3://bench/$key" "$work/dl.tar.gz" --quiet
+        if [ "$signed" = 1 ]; then
+            aws --endpoint-url "$endpoint" s3 cp "s3://bench/$key.minisig" "$work/dl.minisig" --quiet
+            minisign -V -q -p "$work/bench.pub" -m "$work/dl.tar.gz" -x "$work/dl.minisig"
+        fi
         tar -xzf "$work/dl.tar.gz" -C "$work/x"
         t1=$(now); a+=("$(secs "$t0" "$t1")")
 
@@ -111,13 +130,13 @@ run_size() {
         echo "run $r: (a) ${a[-1]}s  (b) ${b[-1]}s  (c) ${c[-1]}s  (d) ${d[-1]}s  deployd peak RSS $(cat "$work/rss") KiB"
     done
     local ma mb mc md; ma=$(median "${a[@]}"); mb=$(median "${b[@]}"); mc=$(median "${c[@]}"); md=$(median "${d[@]}")
-    echo "median (a) aws s3 cp + tar -xzf: ${ma}s"
+    echo "median (a) aws s3 cp$([ "$signed" = 1 ] && echo ' + minisign -V') + tar -xzf: ${ma}s"
     echo "median (b) deployd deploy:       ${mb}s"
     echo "median (c) local tar -xzf:       ${mc}s"
     echo "median (d) local tar -xzf + sync: ${md}s"
     python3 -c "print(f'ratio (b)/(a) = {$mb/$ma:.2f}  (goal <= 0.50)'); print(f'ratio (b)/(c) = {$mb/$mc:.2f}  (goal <= 1.25)'); print(f'ratio (b)/(d) = {$mb/$md:.2f}  (same durability)')"
     echo "deployd peak RSS, last run: $(( $(cat "$work/rss") / 1024 )) MiB (goal <= 64 MiB)"
-    rm -f "$file"
+    rm -f "$file" "$file.minisig"
 }
 
 run_size "$size_mib"

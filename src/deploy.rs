@@ -612,6 +612,14 @@ impl Deployer {
         Ok(same.then_some(cur.id))
     }
 
+    fn unpack_limits(&self) -> unpack::Limits {
+        unpack::Limits {
+            max_entries: self.cfg.unpack.max_entries,
+            max_bytes: self.cfg.unpack.max_bytes.0,
+            max_path_len: self.cfg.unpack.max_path_len,
+        }
+    }
+
     /// Downloads and unpacks concurrently into a new staging directory; with a signature to
     /// check, downloads, verifies, then unpacks (see [`Self::fetch_verify_unpack`]).
     async fn fetch_and_unpack(
@@ -624,11 +632,7 @@ impl Deployer {
         }
         let staging = self.layout.new_staging()?;
         let dest = staging.path().to_path_buf();
-        let limits = unpack::Limits {
-            max_entries: self.cfg.unpack.max_entries,
-            max_bytes: self.cfg.unpack.max_bytes.0,
-            max_path_len: self.cfg.unpack.max_path_len,
-        };
+        let limits = self.unpack_limits();
         let (tx, rx) = mpsc::channel(fetch::CHANNEL_DEPTH);
         // The staging guard travels with the unpacker, so that even if this future is dropped
         // (shutdown) the tree is removed only after the unpacker has stopped writing into it.
@@ -717,11 +721,7 @@ impl Deployer {
         self.reporter.stage("unpacking", Some(v.url()));
         let staging = self.layout.new_staging()?;
         let dest = staging.path().to_path_buf();
-        let limits = unpack::Limits {
-            max_entries: self.cfg.unpack.max_entries,
-            max_bytes: self.cfg.unpack.max_bytes.0,
-            max_path_len: self.cfg.unpack.max_path_len,
-        };
+        let limits = self.unpack_limits();
         let (staging, unpacked) = tokio::task::spawn_blocking(move || {
             let result = std::fs::File::open(&spool_file)
                 .map_err(|source| unpack::UnpackError::Io {

@@ -317,23 +317,36 @@ impl Engine {
         }
         // Without cache, only the stages this deployment has just built are cache sources: the
         // first build runs with `nocache`, the later ones reuse nothing older than themselves.
+        // The stages first, then the service's own image.
+        let builds = stages
+            .iter()
+            .map(|s| (stage_image(service, release.id, s), Some(s.as_str()), true))
+            .chain(std::iter::once((
+                tag.clone(),
+                spec.target.as_deref(),
+                false,
+            )));
         let mut fresh: Vec<String> = Vec::new();
         let mut counted = StepCounter::default();
-        for stage in &stages {
-            let stage_tag = stage_image(service, release.id, stage);
-            let sources = if no_cache { &fresh } else { &cache_from };
+        let mut sources = Vec::new();
+        for (image, target, stage) in builds {
+            sources = if no_cache {
+                fresh.clone()
+            } else {
+                cache_from.clone()
+            };
             let out = self
                 .run_build(
                     project,
                     service,
                     release,
                     BuildRun {
-                        tag: &stage_tag,
-                        target: Some(stage),
-                        cache_from: sources,
+                        tag: &image,
+                        target,
+                        cache_from: &sources,
                         no_cache: no_cache && fresh.is_empty(),
                         skip_upto: counted.last_own,
-                        stage: true,
+                        stage,
                     },
                 )
                 .await?;
@@ -341,33 +354,20 @@ impl Engine {
             counted.from_steps += out.from_steps;
             counted.hits += out.hits;
             counted.last_own = out.last_own;
-            fresh.push(stage_tag.clone());
-            if !no_cache && !cache_from.contains(&stage_tag) {
-                cache_from.push(stage_tag);
+            counted.image_id = out.image_id;
+            if stage {
+                if !no_cache && !cache_from.contains(&image) {
+                    cache_from.push(image.clone());
+                }
+                fresh.push(image);
             }
         }
-        let sources = if no_cache { fresh.clone() } else { cache_from };
-        let out = self
-            .run_build(
-                project,
-                service,
-                release,
-                BuildRun {
-                    tag: &tag,
-                    target: spec.target.as_deref(),
-                    cache_from: &sources,
-                    no_cache: no_cache && fresh.is_empty(),
-                    skip_upto: counted.last_own,
-                    stage: false,
-                },
-            )
-            .await?;
         let failed = |message: String| ContainerError::BuildFailed {
             service: service.name.clone(),
             image: tag.clone(),
             message,
         };
-        let image_id = match out.image_id {
+        let image_id = match counted.image_id {
             Some(id) => id,
             None => self
                 .image_id(&tag)
@@ -389,14 +389,13 @@ impl Engine {
             .map_err(|e| {
                 ContainerError::engine(format!("tagging {tag} as {}", service.image), e)
             })?;
-        let steps = counted.steps + out.steps;
         let built = ServiceBuild {
             service: service.name.clone(),
             image: tag,
             image_id,
-            steps,
-            cacheable_steps: steps - counted.from_steps - out.from_steps,
-            cache_hits: counted.hits + out.hits,
+            steps: counted.steps,
+            cacheable_steps: counted.steps - counted.from_steps,
+            cache_hits: counted.hits,
             cache_from: sources,
             stages,
             no_cache,
