@@ -706,13 +706,18 @@ impl Deployer {
         let written = writer
             .await
             .map_err(|e| DeployError::Internal(format!("spooling the artifact ({e})")))?;
-        let Some(fetched) = fetched else {
-            return Err(DeployError::Cancelled);
-        };
-        let downloaded = fetched?;
-        written.map_err(|e| {
+        let spool_err = |e: std::io::Error| {
             DeployError::Internal(format!("writing {} ({e})", spool_file.display()))
-        })?;
+        };
+        let downloaded = match (fetched, written) {
+            (None, _) => return Err(DeployError::Cancelled),
+            // The spool stopped reading (a full disk, say): its error is the one that explains.
+            (Some(Err(FetchError::ConsumerGone)), Err(e)) | (Some(Ok(_)), Err(e)) => {
+                return Err(spool_err(e));
+            }
+            (Some(Err(e)), _) => return Err(e.into()),
+            (Some(Ok(downloaded)), Ok(_)) => downloaded,
+        };
         signed.finish(verifier)?;
         tracing::info!(bucket = %v.bucket, key = %v.key, "signature verified");
         check_sha256(v, &downloaded)?;
