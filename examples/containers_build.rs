@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use deployd::containers::{ContainerSettings, Engine, ReleaseRef};
+use deployd::error::ExitCode;
 
 #[tokio::main]
 async fn main() {

@@ -16,7 +16,7 @@ use aws_config::timeout::TimeoutConfig;
 use aws_sdk_s3::config::{Region, ResponseChecksumValidation};
 
 use crate::config::S3Config;
-use crate::exit;
+use crate::error::{ExitCode, exit};
 
 #[derive(Debug, thiserror::Error)]
 pub enum S3SetupError {
@@ -26,8 +26,8 @@ pub enum S3SetupError {
     NoRegion,
 }
 
-impl S3SetupError {
-    pub fn exit_code(&self) -> i32 {
+impl ExitCode for S3SetupError {
+    fn exit_code(&self) -> i32 {
         exit::CONFIG
     }
 }

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use common::docker::{App, ENGINE_LOCK, Variant, deploy, engine, http_get, settings, sh};
 use deployd::containers::{ContainerError, Engine, ReleaseRef, UpAction};
+use deployd::error::ExitCode;
 
 fn rel<'a>(id: &'a str, dir: &'a Path) -> ReleaseRef<'a> {
     ReleaseRef {

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use common::{Host, S3, app, moto, sha256_hex, unique};
 use deployd::config::{S3Config, SourceConfig};
-use deployd::fetch::{self, Chunk, FetchError};
-use deployd::source::{Artifact, Origin};
+use deployd::deploy::fetch::{self, Chunk, FetchError};
+use deployd::deploy::source::{Artifact, Origin};
 
 fn drain(mut rx: tokio::sync::mpsc::Receiver<Chunk>) -> tokio::task::JoinHandle<Vec<u8>> {
     tokio::spawn(async move {
@@ -47,9 +47,10 @@ fn download_is_pinned_to_the_verified_object() {
                 origin: Origin::Request,
                 expected_sha256: None,
             };
-            let verified = deployd::verify::verify(&client, &artifact, &SourceConfig::default())
-                .await
-                .unwrap();
+            let verified =
+                deployd::deploy::verify::verify(&client, &artifact, &SourceConfig::default())
+                    .await
+                    .unwrap();
             assert_eq!(verified.version_id.is_some(), versioned);
             // CI overwrites the key after verification.
             s3.client

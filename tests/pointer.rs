@@ -4,7 +4,7 @@
 mod common;
 
 use common::{Host, app, sha256_hex, write_file};
-use deployd::pointer::{self, Pointer, PointerError, PointerRead};
+use deployd::contract::pointer::{self, Pointer, PointerError, PointerRead};
 
 const COMMIT1: &str = "1111111122223333444455556666777788889999";
 const COMMIT2: &str = "2222222233334444555566667777888899990000";

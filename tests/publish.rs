@@ -91,8 +91,12 @@ fn publish_refuses_to_overwrite_an_existing_key() {
     let start = SystemTime::now();
     let mut occupied = Vec::new();
     for s in 0..8 {
-        let key =
-            deployd::publish::artifact_key("web", "prod", COMMIT, start + Duration::from_secs(s));
+        let key = deployd::ci::publish::artifact_key(
+            "web",
+            "prod",
+            COMMIT,
+            start + Duration::from_secs(s),
+        );
         host.s3.put(&host.bucket, &key, b"the original", &[]);
         occupied.push(key);
     }

@@ -8,7 +8,7 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use deployd::sdnotify::{Notifier, NotifyAddress, NotifyState, monotonic_usec};
+use deployd::agent::sdnotify::{Notifier, NotifyAddress, NotifyState, monotonic_usec};
 
 fn recv(socket: &UnixDatagram) -> String {
     socket

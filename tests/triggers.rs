@@ -7,10 +7,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use deployd::triggers::{
+use deployd::agent::triggers::{
     MAX_TRIGGER_FILE_SIZE, REJECTED_DIR, Trigger, TriggerDir, TriggerError, TriggerOrigin,
     TriggerQueue, write_trigger,
 };
+use deployd::error::ExitCode;
 use nix::unistd::{Gid, Uid, chown, geteuid};
 use tokio::sync::mpsc;
 use tokio::time::timeout;

@@ -5,14 +5,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-/// Exit code for bad input data (sysexits `EX_DATAERR`).
-pub const EXIT_DATAERR: i32 = 65;
-/// Exit code for a dependency that stayed unavailable (sysexits `EX_UNAVAILABLE`).
-pub const EXIT_UNAVAILABLE: i32 = 69;
-/// Exit code for an internal error (sysexits `EX_SOFTWARE`).
-pub const EXIT_SOFTWARE: i32 = 70;
-/// Exit code for a temporary failure (sysexits `EX_TEMPFAIL`).
-pub const EXIT_TEMPFAIL: i32 = 75;
+use crate::error::{ExitCode, exit};
 
 /// Everything that can go wrong while building and running a release's containers.
 #[derive(Debug, thiserror::Error)]
@@ -135,29 +128,31 @@ pub enum ContainerError {
     Internal { action: String, message: String },
 }
 
-impl ContainerError {
+impl ExitCode for ContainerError {
     /// The sysexits code the CLI exits with for this error.
-    pub fn exit_code(&self) -> i32 {
+    fn exit_code(&self) -> i32 {
         match self {
             Self::ComposeSyntax { .. }
             | Self::UnsupportedKey { .. }
             | Self::InvalidValue { .. }
             | Self::Interpolation { .. }
-            | Self::BuildFailed { .. } => EXIT_DATAERR,
-            Self::ComposeRead { .. } | Self::ReadFile { .. } => EXIT_DATAERR,
-            Self::EngineUnavailable { .. } => EXIT_UNAVAILABLE,
-            Self::Engine { source, .. } if is_connection_error(source) => EXIT_UNAVAILABLE,
-            Self::ImageMissing { .. } => EXIT_UNAVAILABLE,
+            | Self::BuildFailed { .. } => exit::DATAERR,
+            Self::ComposeRead { .. } | Self::ReadFile { .. } => exit::DATAERR,
+            Self::EngineUnavailable { .. } => exit::UNAVAILABLE,
+            Self::Engine { source, .. } if is_connection_error(source) => exit::UNAVAILABLE,
+            Self::ImageMissing { .. } => exit::UNAVAILABLE,
             Self::RolledBack { .. } | Self::UnhealthyNoPrevious { .. } | Self::Unhealthy { .. } => {
-                EXIT_TEMPFAIL
+                exit::TEMPFAIL
             }
             Self::RollbackFailed { .. }
             | Self::Engine { .. }
             | Self::WriteFile { .. }
-            | Self::Internal { .. } => EXIT_SOFTWARE,
+            | Self::Internal { .. } => exit::SOFTWARE,
         }
     }
+}
 
+impl ContainerError {
     pub(crate) fn engine(action: impl Into<String>, source: bollard::errors::Error) -> Self {
         Self::Engine {
             action: action.into(),

@@ -19,9 +19,9 @@ use bytes::{Buf, Bytes};
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
-use crate::exit;
-use crate::imds::error_chain;
-use crate::verify::Verified;
+use crate::deploy::verify::Verified;
+use crate::error::error_chain;
+use crate::error::{ExitCode, exit};
 
 /// How often a broken body may be resumed before the download gives up.
 const MAX_RESUMES: u32 = 5;
@@ -75,8 +75,8 @@ pub enum FetchError {
     ConsumerGone,
 }
 
-impl FetchError {
-    pub fn exit_code(&self) -> i32 {
+impl ExitCode for FetchError {
+    fn exit_code(&self) -> i32 {
         match self {
             FetchError::Replaced { .. } => exit::TEMPFAIL,
             FetchError::Unavailable { .. } => exit::UNAVAILABLE,

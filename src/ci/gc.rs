@@ -27,10 +27,10 @@ use aws_sdk_s3::Client;
 use aws_sdk_s3::error::ProvideErrorMetadata;
 use aws_sdk_s3::types::{Delete, ObjectIdentifier};
 
-use crate::exit;
-use crate::imds::error_chain;
-use crate::pointer::{self, PointerError, PointerRead};
-use crate::publish::is_release_dir;
+use crate::ci::publish::is_release_dir;
+use crate::contract::pointer::{self, PointerError, PointerRead};
+use crate::error::error_chain;
+use crate::error::{ExitCode, exit};
 
 /// Keys per `DeleteObjects` call (S3's maximum).
 pub const DELETE_BATCH: usize = 1000;
@@ -100,8 +100,8 @@ pub enum GcError {
     Pointer(#[from] PointerError),
 }
 
-impl GcError {
-    pub fn exit_code(&self) -> i32 {
+impl ExitCode for GcError {
+    fn exit_code(&self) -> i32 {
         match self {
             GcError::Usage(_) => exit::USAGE,
             GcError::NoSuchBucket { .. } => exit::NOINPUT,
@@ -205,7 +205,7 @@ pub async fn gc(s3: &Client, req: &GcRequest) -> Result<GcReport, GcError> {
     for (env, pkey) in all_pointers {
         match pointer::read(s3, bucket, &pkey, None).await {
             Ok(PointerRead::Changed { pointer, .. }) => {
-                protected.insert(crate::signature::signature_key(&pointer.key));
+                protected.insert(crate::contract::signature::signature_key(&pointer.key));
                 protected.insert(pointer.key);
             }
             Ok(PointerRead::Unchanged) => {}

@@ -53,10 +53,10 @@ use aws_sdk_s3::types::{
 use futures_util::{StreamExt, TryStreamExt};
 use sha2::{Digest, Sha256};
 
-use crate::exit;
-use crate::imds::error_chain;
-use crate::pointer::{self, Pointer};
-use crate::signature::{self, SignError, SigningKey};
+use crate::contract::pointer::{self, Pointer};
+use crate::contract::signature::{self, SignError, SigningKey};
+use crate::error::error_chain;
+use crate::error::{ExitCode, exit};
 
 /// Files up to this size go up in one `PutObject`.
 pub const DEFAULT_MULTIPART_THRESHOLD: u64 = 64 << 20;
@@ -181,8 +181,8 @@ pub enum PublishError {
     },
 }
 
-impl PublishError {
-    pub fn exit_code(&self) -> i32 {
+impl ExitCode for PublishError {
+    fn exit_code(&self) -> i32 {
         match self {
             PublishError::Usage(_) => exit::USAGE,
             PublishError::File { .. } => exit::NOINPUT,

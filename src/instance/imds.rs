@@ -7,7 +7,7 @@
 //! (a legacy template placeholder), so a laptop or a Lightsail instance without IMDS pays
 //! nothing until then, and then gets one clear sentence.
 //!
-//! The same handle carries this instance's EC2 tags ([`crate::ec2tags`]), which need the
+//! The same handle carries this instance's EC2 tags ([`crate::instance::tags`]), which need the
 //! identity (instance id, region) and fill `{tag:NAME}` placeholders in legacy templates.
 
 use std::time::Duration;
@@ -15,7 +15,8 @@ use std::time::Duration;
 use serde::Deserialize;
 use tokio::sync::OnceCell;
 
-use crate::ec2tags::Ec2Tags;
+use crate::error::error_chain;
+use crate::instance::tags::Ec2Tags;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ImdsError {
@@ -101,19 +102,4 @@ impl Imds {
             .as_ref()
             .map_err(Clone::clone)
     }
-}
-
-/// Renders an error and its causes on one line: `outer: cause: root cause`.
-pub fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut out = err.to_string();
-    let mut source = err.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = s.source();
-    }
-    out
 }

@@ -13,10 +13,16 @@
 //! A release pointer (`DEPLOYMENT_POINTER`, `[source] pointer_key`) is read right after
 //! resolving and replaced by the artifact it names, with the pointer's digest as the expected
 //! SHA-256. With `[source] public_key` set, the artifact's `.minisig` is fetched before the
-//! download and checked against the streamed bytes before activation (see [`crate::signature`]).
+//! download and checked against the streamed bytes before activation (see [`crate::contract::signature`]).
 //! Each attempt is also reported outward: EC2 instance tags at its start (concurrently with the
-//! pipeline) and end ([`crate::ec2tags`], bounded in time, never failing the deployment) and the
-//! node_exporter metrics file ([`crate::metrics`]).
+//! pipeline) and end ([`crate::instance::tags`], bounded in time, never failing the deployment) and the
+//! node_exporter metrics file ([`crate::report::metrics`]).
+
+pub mod fetch;
+pub mod release;
+pub mod source;
+pub mod unpack;
+pub mod verify;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -24,22 +30,22 @@ use std::time::Instant;
 use aws_sdk_s3::Client;
 use tokio::sync::{mpsc, watch};
 
+use self::fetch::{ChannelReader, Downloaded, FetchError};
+use self::source::{Artifact, Origin, SourceError};
+use self::unpack::{Compression, Stats, UnpackError};
+use self::verify::{Verified, VerifyError};
 use crate::config::Config;
+use crate::config::envfile::{EnvFile, EnvFileError};
 use crate::containers::{ContainerError, ContainerSettings, Engine, ReleaseRef};
-use crate::ec2tags::{Ec2Tags, TagStatus, Update};
-use crate::envfile::{EnvFile, EnvFileError};
-use crate::exit;
-use crate::fetch::{self, ChannelReader, Downloaded, FetchError};
-use crate::imds::Imds;
-use crate::metrics::{self, Metrics};
-use crate::pointer::{self, PointerError, PointerRead};
-use crate::release::{Layout, Manifest, ReleaseError, Staging};
+use crate::contract::host::{Attempt, Outcome, ReleaseSummary, State, StateError, now_rfc3339};
+use crate::contract::pointer::{self, PointerError, PointerRead};
+use crate::contract::signature::{self, SignatureError, Signed};
+use crate::deploy::release::{Layout, Manifest, ReleaseError, Staging};
+use crate::error::{ExitCode, exit};
+use crate::instance::imds::Imds;
+use crate::instance::tags::{Ec2Tags, TagStatus, Update};
 use crate::report::Reporter;
-use crate::signature::{self, SignatureError, Signed};
-use crate::source::{self, Artifact, Origin, SourceError};
-use crate::state::{Attempt, Outcome, ReleaseSummary, State, StateError, now_rfc3339};
-use crate::unpack::{self, Compression, Stats, UnpackError};
-use crate::verify::{self, Verified, VerifyError};
+use crate::report::metrics::{self, Metrics};
 
 /// What to deploy and how.
 #[derive(Debug, Clone, Default)]
@@ -122,8 +128,8 @@ impl From<ContainerError> for DeployError {
     }
 }
 
-impl DeployError {
-    pub fn exit_code(&self) -> i32 {
+impl ExitCode for DeployError {
+    fn exit_code(&self) -> i32 {
         match self {
             DeployError::EnvFile(e) => e.exit_code(),
             DeployError::Source(e) => e.exit_code(),
@@ -432,7 +438,7 @@ impl Deployer {
             {
                 if !matches!(e, DeployError::RolledBack { .. }) {
                     // Never activated: its tree is of no use to anyone.
-                    let _ = crate::release::remove_tree(&release_dir);
+                    let _ = crate::deploy::release::remove_tree(&release_dir);
                 }
                 return Err(e);
             }

@@ -70,7 +70,7 @@ use notify::event::{AccessKind, AccessMode, ModifyKind, RenameMode};
 use notify::{EventKind, RecommendedWatcher, RecursiveMode};
 use serde::{Deserialize, Serialize};
 
-use crate::exit;
+use crate::error::{ExitCode, exit};
 use tokio::sync::{Notify, mpsc};
 
 /// Largest trigger file accepted, in bytes.
@@ -361,13 +361,13 @@ pub enum TriggerError {
     },
 }
 
-impl TriggerError {
+impl ExitCode for TriggerError {
     /// The sysexits code `deployd` exits with for this error.
     ///
     /// 64 for an invalid trigger given on the command line, 69 when the daemon's trigger
     /// directory is missing, 78 for a misconfigured directory or missing permission, 70 for
     /// other I/O failures.
-    pub fn exit_code(&self) -> i32 {
+    fn exit_code(&self) -> i32 {
         let io_code = |e: &io::Error| {
             if e.kind() == io::ErrorKind::PermissionDenied {
                 exit::CONFIG

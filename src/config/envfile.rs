@@ -12,7 +12,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use crate::exit;
+use crate::error::{ExitCode, exit};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EnvFileError {
@@ -30,8 +30,8 @@ pub enum EnvFileError {
     },
 }
 
-impl EnvFileError {
-    pub fn exit_code(&self) -> i32 {
+impl ExitCode for EnvFileError {
+    fn exit_code(&self) -> i32 {
         exit::CONFIG
     }
 }

@@ -5,7 +5,7 @@
 //! What one idle poll costs S3:
 //!
 //! - a **release pointer** source: one `GET current.json` with `If-None-Match: <ETag>`,
-//!   answered `304 Not Modified` without a body ([`crate::pointer::read`]);
+//!   answered `304 Not Modified` without a body ([`crate::contract::pointer::read`]);
 //! - a **direct key** (environment, config or legacy template): one `HEAD` with
 //!   `If-None-Match: <ETag>`, answered 304. On the legacy mutable key this is what notices CI
 //!   rewriting it in place.
@@ -22,12 +22,13 @@ use std::time::Duration;
 use aws_sdk_s3::Client;
 use tokio::task::JoinHandle;
 
+use crate::agent::triggers::{Trigger, TriggerOrigin, TriggerQueue};
 use crate::config::Config;
-use crate::envfile::EnvFile;
-use crate::imds::{Imds, error_chain};
-use crate::pointer::{self, PointerRead};
-use crate::source;
-use crate::triggers::{Trigger, TriggerOrigin, TriggerQueue};
+use crate::config::envfile::EnvFile;
+use crate::contract::pointer::{self, PointerRead};
+use crate::deploy::source;
+use crate::error::error_chain;
+use crate::instance::imds::Imds;
 
 /// Starts the poller when `[triggers] poll_interval` is above zero.
 pub fn spawn(cfg: &Config, s3: Client, queue: TriggerQueue) -> Option<JoinHandle<()>> {

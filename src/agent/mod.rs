@@ -24,6 +24,10 @@
 //!   removed; install and activation are never cut in half), bounded by
 //!   `[daemon] stop_timeout`.
 
+pub mod poll;
+pub mod sdnotify;
+pub mod triggers;
+
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -34,14 +38,14 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 use tracing::Instrument;
 
+use self::sdnotify::Notifier;
+use self::triggers::{Trigger, TriggerDir, TriggerOrigin, TriggerQueue};
 use crate::config::{Config, ConfigError};
+use crate::contract::host::{State, StateError, now_rfc3339};
+use crate::deploy::release::{Layout, ReleaseError};
 use crate::deploy::{Deployer, Done, Request};
-use crate::exit;
-use crate::release::{Layout, ReleaseError};
+use crate::error::{ExitCode, exit};
 use crate::report::Reporter;
-use crate::sdnotify::Notifier;
-use crate::state::{State, StateError, now_rfc3339};
-use crate::triggers::{Trigger, TriggerDir, TriggerOrigin, TriggerQueue};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -54,7 +58,7 @@ pub enum AgentError {
     #[error(transparent)]
     State(#[from] StateError),
     #[error(transparent)]
-    Trigger(#[from] crate::triggers::TriggerError),
+    Trigger(#[from] crate::agent::triggers::TriggerError),
     #[error("cannot listen for {signal}: {source}")]
     Signal {
         signal: &'static str,
@@ -63,8 +67,8 @@ pub enum AgentError {
     },
 }
 
-impl AgentError {
-    pub fn exit_code(&self) -> i32 {
+impl ExitCode for AgentError {
+    fn exit_code(&self) -> i32 {
         match self {
             AgentError::Config(e) => e.exit_code(),
             AgentError::S3(e) => e.exit_code(),
@@ -131,7 +135,7 @@ impl Agent {
         // Triggers: startup first, then files (the watcher scans what is already there), then
         // SIGHUP. A trigger directory that cannot be watched is logged; SIGHUP still works.
         self.queue.push(Trigger::new(TriggerOrigin::Startup));
-        self.poller = crate::poll::spawn(
+        self.poller = crate::agent::poll::spawn(
             &self.deployer.cfg,
             self.deployer.s3.clone(),
             self.queue.clone(),
@@ -284,7 +288,7 @@ impl Agent {
         if let Some(old) = self.poller.take() {
             old.abort();
         }
-        self.poller = crate::poll::spawn(
+        self.poller = crate::agent::poll::spawn(
             &self.deployer.cfg,
             self.deployer.s3.clone(),
             self.queue.clone(),

@@ -22,9 +22,9 @@ use aws_sdk_s3::types::{ChecksumMode, ChecksumType};
 use backon::{ExponentialBuilder, Retryable};
 
 use crate::config::SourceConfig;
-use crate::exit;
-use crate::imds::error_chain;
-use crate::source::{Artifact, is_sha256_hex};
+use crate::deploy::source::{Artifact, is_sha256_hex};
+use crate::error::error_chain;
+use crate::error::{ExitCode, exit};
 
 /// The head-object facts that the download is pinned to.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -119,8 +119,8 @@ pub enum VerifyError {
     },
 }
 
-impl VerifyError {
-    pub fn exit_code(&self) -> i32 {
+impl ExitCode for VerifyError {
+    fn exit_code(&self) -> i32 {
         match self {
             VerifyError::NotFound { .. } | VerifyError::NoSuchBucket { .. } => exit::NOINPUT,
             VerifyError::AccessDenied { .. } => exit::CONFIG,

@@ -26,7 +26,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
-use crate::state::{Attempt, Outcome, ReleaseSummary, StateError, write_atomic};
+use crate::contract::host::{Attempt, Outcome, ReleaseSummary, StateError, write_atomic};
 
 /// Every result label, always written, so that rates work from the first sample.
 const RESULTS: [(Outcome, &str); 4] = [

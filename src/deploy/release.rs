@@ -21,9 +21,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::exit;
-use crate::state::sync_dir;
-use crate::unpack::{Compression, Stats};
+use crate::contract::host::sync_dir;
+use crate::deploy::unpack::{Compression, Stats};
+use crate::error::{ExitCode, exit};
 
 /// The manifest's file name inside every release.
 pub const MANIFEST: &str = ".deployd-release.json";
@@ -49,8 +49,8 @@ pub enum ReleaseError {
     NothingToRollBack,
 }
 
-impl ReleaseError {
-    pub fn exit_code(&self) -> i32 {
+impl ExitCode for ReleaseError {
+    fn exit_code(&self) -> i32 {
         match self {
             ReleaseError::Busy { .. } => exit::TEMPFAIL,
             ReleaseError::NoSuchRelease { .. } | ReleaseError::NothingToRollBack => exit::USAGE,
@@ -94,15 +94,15 @@ impl Manifest {
     }
 
     /// This release as `state.json` records a serving one, activated now.
-    pub fn summary(&self) -> crate::state::ReleaseSummary {
-        crate::state::ReleaseSummary {
+    pub fn summary(&self) -> crate::contract::host::ReleaseSummary {
+        crate::contract::host::ReleaseSummary {
             id: self.id.clone(),
             bucket: self.bucket.clone(),
             key: self.key.clone(),
             sha256: self.sha256.clone(),
             etag: self.etag.clone(),
             commit: self.commit().map(str::to_string),
-            activated_at: crate::state::now_rfc3339(),
+            activated_at: crate::contract::host::now_rfc3339(),
         }
     }
 }
@@ -254,7 +254,7 @@ impl Layout {
 
     /// A new release id: `YYYYmmdd-HHMMSS-<short>`, unique under `releases/`.
     pub fn new_release_id(&self, short: &str) -> String {
-        let stamp: String = crate::state::now_rfc3339()
+        let stamp: String = crate::contract::host::now_rfc3339()
             .chars()
             .filter(char::is_ascii_digit)
             .collect();
@@ -289,7 +289,7 @@ impl Layout {
         let bytes = serde_json::to_vec_pretty(manifest)
             .map_err(|e| io_err("serialise", &manifest_path)(io::Error::other(e)))?;
         fs::write(&manifest_path, bytes).map_err(io_err("write", &manifest_path))?;
-        crate::unpack::sync_tree(&staged)
+        crate::deploy::unpack::sync_tree(&staged)
             .map_err(|e| io_err("sync", &staged)(io::Error::other(e.to_string())))?;
         let dest = self.release_dir(&manifest.id);
         fs::create_dir_all(&self.releases).map_err(io_err("create", &self.releases))?;

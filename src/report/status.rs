@@ -6,14 +6,14 @@
 //! download does not turn into thousands of file writes.
 //!
 //! The reporter also times the stages of the running deployment (from each `stage()` call to
-//! the next, or to `finish()`), for the metrics file ([`crate::metrics`]).
+//! the next, or to `finish()`), for the metrics file ([`crate::report::metrics`]).
 
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::state::{Attempt, ReleaseSummary, Status, now_rfc3339};
+use crate::contract::host::{Attempt, ReleaseSummary, Status, now_rfc3339};
 
 /// Receives one-line status texts (for systemd's `STATUS=`).
 pub type StatusSink = Box<dyn Fn(&str) + Send + Sync>;

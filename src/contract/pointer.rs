@@ -21,7 +21,7 @@
 //! ## Where a pointer ranks among the sources
 //!
 //! A pointer is another way of *naming* the artifact, so it takes the rank of the place it is
-//! configured in (see [`crate::source`]): `DEPLOYMENT_POINTER` ranks with `DEPLOYMENT_KEY`
+//! configured in (see [`crate::deploy::source`]): `DEPLOYMENT_POINTER` ranks with `DEPLOYMENT_KEY`
 //! (the per-instance environment file beats the config baked into the image), and
 //! `[source] pointer_key` ranks with `[source] key`. An explicit request (trigger file,
 //! `deploy --bucket/--key`) still beats both, so an operator can always deploy one exact
@@ -32,9 +32,9 @@
 use aws_sdk_s3::Client;
 use aws_sdk_s3::error::SdkError;
 
-use crate::exit;
-use crate::imds::error_chain;
-use crate::source::is_sha256_hex;
+use crate::deploy::source::is_sha256_hex;
+use crate::error::error_chain;
+use crate::error::{ExitCode, exit};
 
 /// A pointer object is a few hundred bytes; anything much larger is not one.
 pub const MAX_POINTER_BYTES: usize = 64 * 1024;
@@ -90,8 +90,8 @@ pub enum PointerError {
     },
 }
 
-impl PointerError {
-    pub fn exit_code(&self) -> i32 {
+impl ExitCode for PointerError {
+    fn exit_code(&self) -> i32 {
         match self {
             PointerError::NotFound { .. } => exit::NOINPUT,
             PointerError::AccessDenied { .. } => exit::CONFIG,

@@ -12,7 +12,7 @@
 //! | `deployd:error` | on failure, the first 255 characters of the error with anything that looks like a credential or query string removed; empty otherwise |
 //!
 //! so that one `aws ec2 describe-tags --filters Name=key,Values=deployd:status` shows a whole
-//! fleet. The instance id and region come from IMDSv2 ([`crate::imds`]); the endpoint is
+//! fleet. The instance id and region come from IMDSv2 ([`crate::instance::imds`]); the endpoint is
 //! `[report] ec2_endpoint_url`, else the SDK's own resolution (`AWS_ENDPOINT_URL_EC2`,
 //! `AWS_ENDPOINT_URL`).
 //!
@@ -39,8 +39,9 @@ use aws_sdk_ec2::types::{Filter, Tag};
 use tokio::sync::OnceCell;
 
 use crate::config::ReportConfig;
-use crate::imds::{Imds, ImdsError, error_chain};
-use crate::state::now_rfc3339;
+use crate::contract::host::now_rfc3339;
+use crate::error::error_chain;
+use crate::instance::imds::{Imds, ImdsError};
 
 /// The most time one tag write (or one tag read) may add to a deployment.
 pub const TAG_TIMEOUT: Duration = Duration::from_secs(5);

@@ -6,13 +6,15 @@
 //! halfway through a deployment. `--config` or `DEPLOYD_CONFIG` choose another file; a missing
 //! file at the default path means "all defaults", a missing file named explicitly is an error.
 
+pub mod envfile;
+
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
-use crate::exit;
+use crate::error::{ExitCode, exit};
 
 /// Where the configuration lives unless `--config` or `DEPLOYD_CONFIG` say otherwise.
 pub const DEFAULT_PATH: &str = "/etc/deployd/deployd.toml";
@@ -41,8 +43,8 @@ pub enum ConfigError {
     },
 }
 
-impl ConfigError {
-    pub fn exit_code(&self) -> i32 {
+impl ExitCode for ConfigError {
+    fn exit_code(&self) -> i32 {
         exit::CONFIG
     }
 }
@@ -376,7 +378,7 @@ impl Config {
             ));
         }
         if let Some(pk) = &self.source.public_key
-            && let Err(e) = crate::signature::parse_public_key(pk)
+            && let Err(e) = crate::contract::signature::parse_public_key(pk)
         {
             return Err(self.invalid("source.public_key", e));
         }
@@ -439,7 +441,7 @@ impl Config {
                 format!("{url:?} must start with http:// or https://"),
             ));
         }
-        if let Err(message) = crate::ec2tags::check_prefix(&self.report.tag_prefix) {
+        if let Err(message) = crate::instance::tags::check_prefix(&self.report.tag_prefix) {
             return Err(self.invalid("report.tag_prefix", message));
         }
         if let Some(file) = &self.report.metrics_file

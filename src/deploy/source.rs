@@ -16,7 +16,7 @@
 //!
 //! `DEPLOYMENT_SHA256` is only trusted for the key it travels with (source 2).
 //!
-//! A release pointer (see [`crate::pointer`]) names the artifact indirectly and ranks with the
+//! A release pointer (see [`crate::contract::pointer`]) names the artifact indirectly and ranks with the
 //! place it is configured in: `DEPLOYMENT_POINTER` (with `DEPLOYMENT_BUCKET`) in source 2,
 //! `[source] pointer_key` (with `[source] bucket`) in source 3. The resolved [`Artifact`] then
 //! carries the pointer's key and an origin for which [`Origin::is_pointer`] is true; the
@@ -26,9 +26,9 @@
 use std::fmt;
 
 use crate::config::Config;
-use crate::envfile::EnvFile;
-use crate::exit;
-use crate::imds::{Imds, ImdsError};
+use crate::config::envfile::EnvFile;
+use crate::error::{ExitCode, exit};
+use crate::instance::imds::{Imds, ImdsError};
 
 /// Which source named the artifact.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -115,8 +115,8 @@ pub enum SourceError {
     BadUrl(String),
 }
 
-impl SourceError {
-    pub fn exit_code(&self) -> i32 {
+impl ExitCode for SourceError {
+    fn exit_code(&self) -> i32 {
         match self {
             SourceError::BadUrl(_) => exit::USAGE,
             _ => exit::CONFIG,

@@ -31,7 +31,7 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use crate::exit;
+use crate::error::{ExitCode, exit};
 
 /// Size limits on one archive.
 #[derive(Debug, Clone, Copy)]
@@ -85,8 +85,8 @@ pub enum UnpackError {
     },
 }
 
-impl UnpackError {
-    pub fn exit_code(&self) -> i32 {
+impl ExitCode for UnpackError {
+    fn exit_code(&self) -> i32 {
         match self {
             UnpackError::Io { .. } => exit::SOFTWARE,
             _ => exit::DATAERR,

@@ -16,7 +16,7 @@ use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
-use crate::exit;
+use crate::error::{ExitCode, exit};
 
 /// How many past attempts `state.json` keeps.
 const HISTORY: usize = 20;
@@ -36,8 +36,8 @@ pub enum StateError {
     Corrupt { path: PathBuf, reason: String },
 }
 
-impl StateError {
-    pub fn exit_code(&self) -> i32 {
+impl ExitCode for StateError {
+    fn exit_code(&self) -> i32 {
         exit::SOFTWARE
     }
 }

@@ -8,18 +8,18 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 
+use crate::agent::triggers::{self, Trigger, TriggerOrigin};
 use crate::agent::{self, Agent};
+use crate::config::envfile::EnvFile;
 use crate::config::{Config, ConfigError, HumanDuration};
+use crate::contract::host::{Outcome, State, Status};
+use crate::deploy::release::Layout;
+use crate::deploy::source::{self, Artifact, Origin};
 use crate::deploy::{Deployer, Done, Request};
-use crate::envfile::EnvFile;
-use crate::exit;
-use crate::imds::Imds;
+use crate::error::{ExitCode, exit};
+use crate::instance::imds::Imds;
 use crate::logging::{self, LogFormat};
-use crate::release::Layout;
 use crate::report::Reporter;
-use crate::source::{self, Artifact, Origin};
-use crate::state::{Outcome, State, Status};
-use crate::triggers::{self, Trigger, TriggerOrigin};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -140,7 +140,7 @@ pub enum Command {
         #[arg(long, default_value = "16MiB", value_parser = parse_size)]
         part_size: u64,
         /// Parts in flight at once.
-        #[arg(long, default_value_t = crate::publish::DEFAULT_CONCURRENCY)]
+        #[arg(long, default_value_t = crate::ci::publish::DEFAULT_CONCURRENCY)]
         concurrency: usize,
     },
     /// CI: delete old artifacts per environment, keeping the newest, the young and the pointed-at.
@@ -334,7 +334,7 @@ async fn dispatch(cli: Cli) -> Result<i32, Failure> {
                 origin: Origin::Request,
                 expected_sha256: None,
             };
-            let v = crate::verify::verify(&s3, &artifact, &scfg)
+            let v = crate::deploy::verify::verify(&s3, &artifact, &scfg)
                 .await
                 .map_err(|e| fail!(e))?;
             println!("artifact       {}", v.url());
@@ -399,7 +399,7 @@ async fn dispatch(cli: Cli) -> Result<i32, Failure> {
             part_size,
             concurrency,
         } => {
-            let ci = crate::publish::CiDefaults::github(|k| std::env::var(k).ok());
+            let ci = crate::ci::publish::CiDefaults::github(|k| std::env::var(k).ok());
             let Some(commit) = commit.or(ci.commit) else {
                 return Err(Failure {
                     code: exit::USAGE,
@@ -407,7 +407,7 @@ async fn dispatch(cli: Cli) -> Result<i32, Failure> {
                         .into(),
                 });
             };
-            let req = crate::publish::PublishRequest {
+            let req = crate::ci::publish::PublishRequest {
                 file,
                 bucket,
                 app,
@@ -417,7 +417,7 @@ async fn dispatch(cli: Cli) -> Result<i32, Failure> {
                 run_id: run_id.or(ci.run_id),
                 pr_number: pr.or(ci.pr_number),
                 sign,
-                sign_password: std::env::var(crate::signature::PASSWORD_ENV).ok(),
+                sign_password: std::env::var(crate::contract::signature::PASSWORD_ENV).ok(),
                 pointer,
                 multipart_threshold,
                 part_size,
@@ -425,12 +425,12 @@ async fn dispatch(cli: Cli) -> Result<i32, Failure> {
                 now: std::time::SystemTime::now(),
             };
             let s3 = crate::s3::client(&cfg.s3).await.map_err(|e| fail!(e))?;
-            let p = crate::publish::publish(&s3, &req)
+            let p = crate::ci::publish::publish(&s3, &req)
                 .await
                 .map_err(|e| fail!(e))?;
             if let Some(out) = std::env::var_os("GITHUB_OUTPUT").filter(|v| !v.is_empty()) {
                 let out = PathBuf::from(out);
-                crate::publish::write_github_output(&out, &p).map_err(|e| Failure {
+                crate::ci::publish::write_github_output(&out, &p).map_err(|e| Failure {
                     code: exit::SOFTWARE,
                     message: format!(
                         "published {} but could not append to GITHUB_OUTPUT {}: {e}",
@@ -451,7 +451,7 @@ async fn dispatch(cli: Cli) -> Result<i32, Failure> {
             dry_run,
         } => {
             let s3 = crate::s3::client(&cfg.s3).await.map_err(|e| fail!(e))?;
-            let req = crate::gc::GcRequest {
+            let req = crate::ci::gc::GcRequest {
                 bucket,
                 app,
                 environment,
@@ -460,7 +460,7 @@ async fn dispatch(cli: Cli) -> Result<i32, Failure> {
                 dry_run,
                 now: std::time::SystemTime::now(),
             };
-            let r = crate::gc::gc(&s3, &req).await.map_err(|e| fail!(e))?;
+            let r = crate::ci::gc::gc(&s3, &req).await.map_err(|e| fail!(e))?;
             let verb = if dry_run { "would delete" } else { "deleted" };
             for d in &r.deleted {
                 println!(
@@ -493,7 +493,7 @@ async fn dispatch(cli: Cli) -> Result<i32, Failure> {
         }
         Command::CheckConfig => {
             let env = EnvFile::load(&cfg.environment_file).map_err(|e| fail!(e))?;
-            let imds = Imds::with_tags(crate::ec2tags::Ec2Tags::new(&cfg.report));
+            let imds = Imds::with_tags(crate::instance::tags::Ec2Tags::new(&cfg.report));
             let artifact = source::resolve(&cfg, &env, None, &imds)
                 .await
                 .map_err(|e| fail!(e))?;
@@ -515,7 +515,7 @@ async fn dispatch(cli: Cli) -> Result<i32, Failure> {
                 Some(tags) => tags.check(&imds).await,
                 None => Vec::new(),
             };
-            lines.push(crate::metrics::check(&cfg));
+            lines.push(crate::report::metrics::check(&cfg));
             for (label, text) in lines {
                 println!("{label:<15}{text}");
             }

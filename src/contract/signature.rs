@@ -41,8 +41,8 @@ use aws_sdk_s3::Client;
 use aws_sdk_s3::error::SdkError;
 use minisign_verify::{PublicKey, Signature, StreamVerifier};
 
-use crate::exit;
-use crate::imds::error_chain;
+use crate::error::error_chain;
+use crate::error::{ExitCode, exit};
 
 /// The suffix of a signature object.
 pub const SUFFIX: &str = ".minisig";
@@ -105,8 +105,8 @@ pub enum SignatureError {
     },
 }
 
-impl SignatureError {
-    pub fn exit_code(&self) -> i32 {
+impl ExitCode for SignatureError {
+    fn exit_code(&self) -> i32 {
         match self {
             SignatureError::BadPublicKey(_) => exit::CONFIG,
             SignatureError::Unavailable { .. } => exit::UNAVAILABLE,
@@ -271,8 +271,8 @@ pub enum SignError {
     Sign { file: String, reason: String },
 }
 
-impl SignError {
-    pub fn exit_code(&self) -> i32 {
+impl ExitCode for SignError {
+    fn exit_code(&self) -> i32 {
         match self {
             SignError::Read { .. } => exit::NOINPUT,
             SignError::NeedsPassword { .. } | SignError::BadKey { .. } => exit::CONFIG,

@@ -1,0 +1,3 @@
+//! ci
+pub mod gc;
+pub mod publish;

@@ -1,0 +1,4 @@
+//! contract
+pub mod host;
+pub mod pointer;
+pub mod signature;

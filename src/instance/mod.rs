@@ -1,0 +1,3 @@
+//! instance
+pub mod imds;
+pub mod tags;

@@ -1,0 +1,4 @@
+//! report
+pub mod metrics;
+pub mod status;
+pub use status::{Reporter, StatusSink};
