@@ -7,6 +7,7 @@ pub mod containers;
 pub mod contract;
 pub mod deploy;
 pub mod error;
+pub mod files;
 pub mod instance;
 pub mod logging;
 pub mod report;

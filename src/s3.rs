@@ -1,4 +1,12 @@
-//! The S3 client, configured once per process.
+//! S3: the client, the one type that names an object, and the one classification of S3's
+//! answers.
+//!
+//! [`S3Object`] (bucket, key, and once verified the ETag and version id the download is
+//! pinned to) travels through every stage and every error, and displays as `s3://bucket/key`.
+//! [`classify`] turns an SDK error into the handful of cases deployd acts on (not found,
+//! denied, not modified, precondition failed, not implemented, anything else with its cause).
+//!
+//! The client is configured once per process.
 //!
 //! Region: `[s3] region`, else the SDK's chain (`AWS_REGION`, profile, IMDS). Endpoint:
 //! `[s3] endpoint_url`, else the SDK's own `AWS_ENDPOINT_URL_S3` / `AWS_ENDPOINT_URL`.
@@ -15,8 +23,150 @@ use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
 use aws_sdk_s3::config::{Region, ResponseChecksumValidation};
 
-use crate::config::S3Config;
-use crate::error::{ExitCode, exit};
+use aws_sdk_s3::config::http::HttpResponse;
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{ExitCode, error_chain, exit};
+
+/// `[s3]` in the config file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct S3Config {
+    /// Default: `AWS_REGION`, then the profile, then IMDS.
+    pub region: Option<String>,
+    /// Default: the SDK's own resolution (`AWS_ENDPOINT_URL_S3`, `AWS_ENDPOINT_URL`).
+    pub endpoint_url: Option<String>,
+    /// Forced on for IP-address and `localhost` endpoints.
+    pub force_path_style: bool,
+}
+
+/// An object in S3; once verified, pinned to one version of its bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct S3Object {
+    /// The bucket.
+    pub bucket: String,
+    /// The key.
+    pub key: String,
+    /// The ETag head-object reported; a download sends it as `If-Match`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub etag: Option<String>,
+    /// The version id on a versioned bucket; a download asks for exactly this version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version_id: Option<String>,
+}
+
+impl S3Object {
+    /// An unpinned object.
+    pub fn new(bucket: impl Into<String>, key: impl Into<String>) -> S3Object {
+        S3Object {
+            bucket: bucket.into(),
+            key: key.into(),
+            etag: None,
+            version_id: None,
+        }
+    }
+
+    /// Parses `s3://bucket/key`.
+    pub fn parse_url(url: &str) -> Result<S3Object, BadS3Url> {
+        url.strip_prefix("s3://")
+            .and_then(|rest| rest.split_once('/'))
+            .filter(|(b, k)| !b.is_empty() && !k.is_empty())
+            .map(|(b, k)| S3Object::new(b, k))
+            .ok_or_else(|| BadS3Url(url.to_string()))
+    }
+
+    /// Another, unpinned, object in the same bucket.
+    pub fn sibling(&self, key: impl Into<String>) -> S3Object {
+        S3Object::new(self.bucket.clone(), key)
+    }
+
+    /// The same object pinned to `etag` and `version_id` (empty values and S3's `null`
+    /// version mean "none").
+    pub fn pinned(&self, etag: Option<&str>, version_id: Option<&str>) -> S3Object {
+        S3Object {
+            bucket: self.bucket.clone(),
+            key: self.key.clone(),
+            etag: etag.filter(|e| !e.is_empty()).map(str::to_string),
+            version_id: version_id
+                .filter(|v| !v.is_empty() && *v != "null")
+                .map(str::to_string),
+        }
+    }
+
+    /// The ETag, or `""` when none is known.
+    pub fn etag(&self) -> &str {
+        self.etag.as_deref().unwrap_or("")
+    }
+}
+
+impl std::fmt::Display for S3Object {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "s3://{}/{}", self.bucket, self.key)
+    }
+}
+
+/// A string that is not an `s3://bucket/key` URL.
+#[derive(Debug, thiserror::Error)]
+#[error("{0:?} is not an s3://bucket/key URL")]
+pub struct BadS3Url(pub String);
+
+impl ExitCode for BadS3Url {
+    fn exit_code(&self) -> i32 {
+        exit::USAGE
+    }
+}
+
+/// What an S3 error means to deployd.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum S3Failure {
+    /// 404 for the key (`NoSuchKey`, or a body-less 404 to a HEAD).
+    NotFound,
+    /// 404 `NoSuchBucket`.
+    NoSuchBucket,
+    /// 403.
+    Denied,
+    /// 304: the object still has the ETag sent in `If-None-Match`.
+    NotModified,
+    /// 412: `If-Match` / `If-None-Match` did not hold.
+    PreconditionFailed,
+    /// 501: the server does not implement a header that was sent.
+    NotImplemented,
+    /// Anything else (network, throttling after the SDK's retries, 5xx): the error chain.
+    Other(String),
+}
+
+impl std::fmt::Display for S3Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            S3Failure::NotFound => "not found (404)",
+            S3Failure::NoSuchBucket => "no such bucket (404)",
+            S3Failure::Denied => "access denied (403)",
+            S3Failure::NotModified => "not modified (304)",
+            S3Failure::PreconditionFailed => "precondition failed (412)",
+            S3Failure::NotImplemented => "not implemented by the server (501)",
+            S3Failure::Other(reason) => reason,
+        })
+    }
+}
+
+/// Classifies an S3 SDK error: the one place that reads status codes and error codes.
+pub fn classify<E>(e: &SdkError<E, HttpResponse>) -> S3Failure
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+{
+    let status = e.raw_response().map(|r| r.status().as_u16());
+    let code = e.as_service_error().and_then(|s| s.code());
+    match (status, code) {
+        (_, Some("NoSuchBucket")) => S3Failure::NoSuchBucket,
+        (_, Some("NoSuchKey")) | (Some(404), _) => S3Failure::NotFound,
+        (Some(403), _) => S3Failure::Denied,
+        (Some(304), _) => S3Failure::NotModified,
+        (Some(412), _) | (_, Some("PreconditionFailed")) => S3Failure::PreconditionFailed,
+        (Some(501), _) | (_, Some("NotImplemented")) => S3Failure::NotImplemented,
+        _ => S3Failure::Other(error_chain(e)),
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum S3SetupError {
@@ -88,9 +238,67 @@ pub async fn client(cfg: &S3Config) -> Result<aws_sdk_s3::Client, S3SetupError> 
     Ok(aws_sdk_s3::Client::from_conf(builder.build()))
 }
 
+/// Why a small object (a pointer, a signature) could not be read whole.
+#[derive(Debug)]
+pub enum SmallBody {
+    /// It is larger than the limit.
+    TooLarge,
+    /// The body broke off; the error chain.
+    Failed(String),
+}
+
+/// A small object's bytes and ETag.
+#[derive(Debug)]
+pub struct Body {
+    /// The object's bytes.
+    pub bytes: bytes::Bytes,
+    /// Its ETag.
+    pub etag: String,
+}
+
+/// Reads a GET response's body whole, refusing one larger than `max` bytes (by its
+/// `Content-Length` before reading, and by what arrived).
+pub async fn read_small_body(
+    resp: aws_sdk_s3::operation::get_object::GetObjectOutput,
+    max: usize,
+) -> Result<Body, SmallBody> {
+    if resp.content_length().is_some_and(|n| n > max as i64) {
+        return Err(SmallBody::TooLarge);
+    }
+    let etag = resp.e_tag().unwrap_or_default().to_string();
+    let bytes = resp
+        .body
+        .collect()
+        .await
+        .map_err(|e| SmallBody::Failed(error_chain(&e)))?
+        .into_bytes();
+    if bytes.len() > max {
+        return Err(SmallBody::TooLarge);
+    }
+    Ok(Body { bytes, etag })
+}
+
 #[cfg(test)]
 mod tests {
-    use super::needs_path_style;
+    use super::*;
+
+    #[test]
+    fn s3_urls() {
+        let o = S3Object::parse_url("s3://b/k/x.tar.gz").unwrap();
+        assert_eq!((o.bucket.as_str(), o.key.as_str()), ("b", "k/x.tar.gz"));
+        assert_eq!(o.to_string(), "s3://b/k/x.tar.gz");
+        assert!(S3Object::parse_url("s3://b").is_err());
+        assert!(S3Object::parse_url("https://b/k").is_err());
+    }
+
+    #[test]
+    fn pinning_ignores_empty_and_null() {
+        let o = S3Object::new("b", "k").pinned(Some(""), Some("null"));
+        assert_eq!((o.etag, o.version_id), (None, None));
+        let o = S3Object::new("b", "k").pinned(Some("\"e\""), Some("v1"));
+        assert_eq!(o.etag(), "\"e\"");
+        assert_eq!(o.version_id.as_deref(), Some("v1"));
+    }
 
     #[test]
     fn ip_and_localhost_endpoints_force_path_style() {

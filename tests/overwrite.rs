@@ -12,6 +12,7 @@ use common::{Host, S3, app, moto, sha256_hex, unique};
 use deployd::config::{S3Config, SourceConfig};
 use deployd::deploy::fetch::{self, Chunk, FetchError};
 use deployd::deploy::source::{Artifact, Origin};
+use deployd::s3::S3Object;
 
 fn drain(mut rx: tokio::sync::mpsc::Receiver<Chunk>) -> tokio::task::JoinHandle<Vec<u8>> {
     tokio::spawn(async move {
@@ -41,17 +42,12 @@ fn download_is_pinned_to_the_verified_object() {
             })
             .await
             .unwrap();
-            let artifact = Artifact {
-                bucket: bucket.clone(),
-                key: "k.tar.gz".into(),
-                origin: Origin::Request,
-                expected_sha256: None,
-            };
+            let artifact = Artifact::new(S3Object::new(&bucket, "k.tar.gz"), Origin::Request);
             let verified =
                 deployd::deploy::verify::verify(&client, &artifact, &SourceConfig::default())
                     .await
                     .unwrap();
-            assert_eq!(verified.version_id.is_some(), versioned);
+            assert_eq!(verified.object.version_id.is_some(), versioned);
             // CI overwrites the key after verification.
             s3.client
                 .put_object()
@@ -72,10 +68,7 @@ fn download_is_pinned_to_the_verified_object() {
                 assert_eq!(bytes, v1);
             } else {
                 // If-Match refuses the new object: nothing of v2 was handed on.
-                assert!(
-                    matches!(result, Err(FetchError::Replaced { .. })),
-                    "{result:?}"
-                );
+                assert!(matches!(result, Err(FetchError::Replaced(_))), "{result:?}");
                 assert!(bytes.is_empty());
             }
         });

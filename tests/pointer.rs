@@ -29,12 +29,10 @@ fn publish(host: &Host, version: &str, commit: &str) -> (String, String) {
 }
 
 fn read(host: &Host, etag: Option<&str>) -> Result<PointerRead, PointerError> {
-    host.s3.rt.block_on(pointer::read(
-        &host.s3.client,
-        &host.bucket,
-        "web/prod/current.json",
-        etag,
-    ))
+    let object = deployd::s3::S3Object::new(&host.bucket, "web/prod/current.json");
+    host.s3
+        .rt
+        .block_on(pointer::read(&host.s3.client, &object, etag))
 }
 
 #[test]

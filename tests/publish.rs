@@ -91,7 +91,7 @@ fn publish_refuses_to_overwrite_an_existing_key() {
     let start = SystemTime::now();
     let mut occupied = Vec::new();
     for s in 0..8 {
-        let key = deployd::ci::publish::artifact_key(
+        let key = deployd::contract::keys::artifact_key(
             "web",
             "prod",
             COMMIT,

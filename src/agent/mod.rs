@@ -8,9 +8,9 @@
 //!   triggers: SIGHUP (systemctl reload), files in <runtime_dir>/triggers/, startup
 //! ```
 //!
-//! - **Reconcile** at startup: staging debris is removed; `current` must name a complete
-//!   release (manifest present), else it is pointed at the newest complete one; `state.json`
-//!   is corrected to agree with `current`. Trigger files already waiting are picked up, since
+//! - **Reconcile** at startup ([`crate::deploy::state::Host::reconcile`]): staging debris is
+//!   removed; `current` must name a complete release (manifest present), else it is pointed at
+//!   the newest complete one; `state.json` is corrected to agree with `current`. Trigger files already waiting are picked up, since
 //!   inotify misses what was dropped while deployd was down.
 //! - **Readiness** over `NOTIFY_SOCKET`: `READY=1` once the first deployment has finished
 //!   (serving, or failed with the reason in `STATUS=`); `STATUS=` at every stage; on SIGHUP,
@@ -31,37 +31,42 @@ pub mod triggers;
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 use tracing::Instrument;
 
-use self::sdnotify::Notifier;
-use self::triggers::{Trigger, TriggerDir, TriggerOrigin, TriggerQueue};
 use crate::config::{Config, ConfigError};
-use crate::contract::host::{State, StateError, now_rfc3339};
-use crate::deploy::release::{Layout, ReleaseError};
+use crate::contract::state::Stage;
+use crate::deploy::state::HostError;
 use crate::deploy::{Deployer, Done, Request};
 use crate::error::{ExitCode, exit};
 use crate::report::Reporter;
+use sdnotify::Notifier;
+use triggers::{Trigger, TriggerDir, TriggerOrigin, TriggerQueue};
 
+/// Why the daemon could not start (or stopped).
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
+    /// The config is invalid.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// The S3 client cannot be built.
     #[error(transparent)]
     S3(#[from] crate::s3::S3SetupError),
+    /// Reconciling the host failed.
     #[error(transparent)]
-    Release(#[from] ReleaseError),
+    Host(#[from] HostError),
+    /// The trigger directory is unusable.
     #[error(transparent)]
-    State(#[from] StateError),
-    #[error(transparent)]
-    Trigger(#[from] crate::agent::triggers::TriggerError),
+    Trigger(#[from] triggers::TriggerError),
+    /// A signal handler could not be installed.
     #[error("cannot listen for {signal}: {source}")]
     Signal {
+        /// SIGHUP, SIGTERM, SIGINT.
         signal: &'static str,
+        /// Why.
         #[source]
         source: std::io::Error,
     },
@@ -72,14 +77,26 @@ impl ExitCode for AgentError {
         match self {
             AgentError::Config(e) => e.exit_code(),
             AgentError::S3(e) => e.exit_code(),
-            AgentError::Release(e) => e.exit_code(),
-            AgentError::State(e) => e.exit_code(),
+            AgentError::Host(e) => e.exit_code(),
             AgentError::Trigger(e) => e.exit_code(),
             AgentError::Signal { .. } => exit::SOFTWARE,
         }
     }
 }
 
+/// Where the daemon stands with systemd's readiness protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AgentState {
+    /// The first deployment has not finished: `READY=1` is still to come. `reloading`: a
+    /// SIGHUP already sent `RELOADING=1` meanwhile.
+    Starting { reloading: bool },
+    /// `READY=1` was sent; nothing awaits an answer.
+    Ready,
+    /// A SIGHUP sent `RELOADING=1`; `READY=1` follows when the redeploy it queued ends.
+    Reloading,
+}
+
+/// The daemon: owns the deployer, the trigger sources and the readiness protocol.
 pub struct Agent {
     config_path: Option<PathBuf>,
     deployer: Deployer,
@@ -87,10 +104,9 @@ pub struct Agent {
     reporter: Arc<Reporter>,
     queue: TriggerQueue,
     cancel: watch::Sender<bool>,
+    state: AgentState,
     /// Set by SIGHUP: re-read the config before the next deployment.
-    reload: Arc<AtomicBool>,
-    /// A `RELOADING=1` was sent and awaits its `READY=1`.
-    reloading: Arc<AtomicBool>,
+    reload_config: bool,
     /// The source poller, when `[triggers] poll_interval` is set.
     poller: Option<tokio::task::JoinHandle<()>>,
 }
@@ -103,7 +119,7 @@ impl Agent {
             let notifier = notifier.clone();
             Box::new(move |text: &str| notifier.status(text)) as crate::report::StatusSink
         };
-        let reporter = Arc::new(Reporter::new(cfg.runtime_dir.clone(), false, Some(sink)));
+        let reporter = Arc::new(Reporter::new(cfg.paths().status_file, false, Some(sink)));
         let (cancel, cancel_rx) = watch::channel(false);
         let s3 = crate::s3::client(&cfg.s3).await?;
         let deployer = Deployer::new(cfg, s3, reporter.clone()).with_cancel(cancel_rx);
@@ -114,32 +130,24 @@ impl Agent {
             reporter,
             queue: TriggerQueue::new(),
             cancel,
-            reload: Arc::new(AtomicBool::new(false)),
-            reloading: Arc::new(AtomicBool::new(false)),
+            state: AgentState::Starting { reloading: false },
+            reload_config: false,
             poller: None,
         })
-    }
-
-    /// The queue triggers go into (for tests and for the poller).
-    pub fn queue(&self) -> TriggerQueue {
-        self.queue.clone()
     }
 
     /// Runs until `shutdown` resolves.
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
         tokio::pin!(shutdown);
         self.reporter.begin("startup");
-        self.notifier.status("reconciling");
-        self.reconcile()?;
+        self.notifier.status(Stage::Reconciling.as_str());
+        let serving = self.deployer.host().reconcile()?;
+        self.reporter.serving(serving, None);
 
         // Triggers: startup first, then files (the watcher scans what is already there), then
         // SIGHUP. A trigger directory that cannot be watched is logged; SIGHUP still works.
         self.queue.push(Trigger::new(TriggerOrigin::Startup));
-        self.poller = crate::agent::poll::spawn(
-            &self.deployer.cfg,
-            self.deployer.s3.clone(),
-            self.queue.clone(),
-        );
+        self.start_poller();
         let _watch = match self.trigger_dir().and_then(|dir| Ok(dir.watch()?)) {
             Ok((guard, rx)) => {
                 tokio::spawn(self.queue.clone().forward(rx));
@@ -154,25 +162,11 @@ impl Agent {
             signal: "SIGHUP",
             source,
         })?;
-        {
-            let (queue, notifier) = (self.queue.clone(), self.notifier.clone());
-            let (reload, reloading) = (self.reload.clone(), self.reloading.clone());
-            tokio::spawn(async move {
-                while hangup.recv().await.is_some() {
-                    reload.store(true, Ordering::SeqCst);
-                    if !reloading.swap(true, Ordering::SeqCst) {
-                        notifier.reloading();
-                    }
-                    queue.push(Trigger::new(TriggerOrigin::Signal));
-                }
-            });
-        }
 
         let watchdog_every = self.notifier.watchdog_interval();
         let mut watchdog =
             tokio::time::interval(watchdog_every.unwrap_or(Duration::from_secs(3600)));
         watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut first = true;
         loop {
             let trigger = tokio::select! {
                 _ = &mut shutdown => break,
@@ -180,17 +174,29 @@ impl Agent {
                     self.notifier.watchdog();
                     continue;
                 }
+                _ = hangup.recv() => {
+                    self.on_hangup();
+                    continue;
+                }
                 trigger = self.queue.next() => trigger,
             };
-            if self.reload.swap(false, Ordering::SeqCst) {
+            if std::mem::take(&mut self.reload_config) {
                 self.reload_config().await;
             }
-            let deployment = self.deploy(trigger);
+            let watchdog_on = watchdog_every.is_some();
+            let deployment = deploy(&self.deployer, trigger);
             tokio::pin!(deployment);
             let finished = loop {
                 tokio::select! {
                     summary = &mut deployment => break Some(summary),
-                    _ = watchdog.tick(), if watchdog_every.is_some() => self.notifier.watchdog(),
+                    _ = watchdog.tick(), if watchdog_on => self.notifier.watchdog(),
+                    // Answered at once (RELOADING=1 now), acted on after this deployment.
+                    _ = hangup.recv() => on_hangup(
+                        &mut self.state,
+                        &mut self.reload_config,
+                        &self.notifier,
+                        &self.queue,
+                    ),
                     _ = &mut shutdown => break None,
                 }
             };
@@ -199,11 +205,11 @@ impl Agent {
                 self.notifier.stopping_with_status("stopped");
                 return Ok(());
             };
-            if first {
-                first = false;
-                self.reloading.store(false, Ordering::SeqCst);
-                self.notifier.ready_with_status(&summary);
-            } else if self.reloading.swap(false, Ordering::SeqCst) {
+            if matches!(
+                self.state,
+                AgentState::Starting { .. } | AgentState::Reloading
+            ) {
+                self.state = AgentState::Ready;
                 self.notifier.ready_with_status(&summary);
             }
         }
@@ -212,9 +218,18 @@ impl Agent {
         Ok(())
     }
 
+    fn on_hangup(&mut self) {
+        on_hangup(
+            &mut self.state,
+            &mut self.reload_config,
+            &self.notifier,
+            &self.queue,
+        );
+    }
+
     /// Asks the running deployment to stop at its next safe point and waits for it, bounded.
     async fn stop_deployment(&self, deployment: std::pin::Pin<&mut impl Future<Output = String>>) {
-        let limit = self.deployer.cfg.daemon.stop_timeout.0;
+        let limit = self.deployer.config().daemon.stop_timeout.0;
         self.notifier
             .stopping_with_status("stopping: finishing the current stage");
         tracing::info!(
@@ -228,37 +243,21 @@ impl Agent {
     }
 
     fn trigger_dir(&self) -> Result<TriggerDir, AgentError> {
-        let cfg = &self.deployer.cfg;
-        Ok(TriggerDir::new(
-            cfg.runtime_dir.join("triggers"),
-            cfg.trusted_gid()?,
-        ))
+        let cfg = self.deployer.config();
+        Ok(TriggerDir::new(cfg.paths().triggers, cfg.trusted_gid()?))
     }
 
-    /// Runs one deployment for `trigger`; returns the one-line status it ended with.
-    async fn deploy(&self, trigger: Trigger) -> String {
-        let request = Request {
-            target: trigger.bucket.clone().zip(trigger.key.clone()),
-            force: false,
-            force_rebuild: trigger.force_rebuild,
-            clear_cache: trigger.clear_cache,
-            trigger: trigger.to_string(),
-        };
-        let span = tracing::info_span!("deployment", trigger = %trigger);
-        tracing::info!(parent: &span, "deployment triggered by {trigger}");
-        match self.deployer.deploy(&request).instrument(span).await {
-            Ok(Done::Deployed { release }) | Ok(Done::Unchanged { release }) => {
-                format!("serving {release} since {}", self.serving_since())
-            }
-            Err(e) => format!("failed: {e}"),
+    /// Starts the source poller when `[triggers] poll_interval` is set, replacing a running one.
+    fn start_poller(&mut self) {
+        if let Some(old) = self.poller.take() {
+            old.abort();
         }
-    }
-
-    fn serving_since(&self) -> String {
-        State::load(&self.deployer.layout.state_file)
-            .ok()
-            .and_then(|s| s.current)
-            .map_or_else(now_rfc3339, |c| c.activated_at)
+        self.poller = poll::spawn(
+            self.deployer.config(),
+            self.deployer.s3().clone(),
+            self.deployer.instance(),
+            self.queue.clone(),
+        );
     }
 
     /// Re-reads the config; an invalid one is logged and the running one kept.
@@ -281,87 +280,58 @@ impl Agent {
             }
         };
         tracing::info!("config reloaded");
-        let deployer =
+        self.deployer =
             Deployer::new(cfg, s3, self.reporter.clone()).with_cancel(self.cancel.subscribe());
-        self.deployer = deployer;
         // The poller follows the new config (interval, source, endpoint).
-        if let Some(old) = self.poller.take() {
-            old.abort();
-        }
-        self.poller = crate::agent::poll::spawn(
-            &self.deployer.cfg,
-            self.deployer.s3.clone(),
-            self.queue.clone(),
-        );
+        self.start_poller();
     }
+}
 
-    /// Makes the disk and `state.json` agree before anything else happens.
-    fn reconcile(&self) -> Result<(), AgentError> {
-        let layout: &Layout = &self.deployer.layout;
-        layout.ensure()?;
-        let debris = layout.clean_staging()?;
-        if debris > 0 {
-            tracing::warn!(
-                entries = debris,
-                "removed staging debris from an interrupted deployment"
-            );
+/// SIGHUP: re-read the config before the next deployment, queue a redeploy, and tell systemd
+/// `RELOADING=1` unless it already awaits a `READY=1`.
+fn on_hangup(
+    state: &mut AgentState,
+    reload_config: &mut bool,
+    notifier: &Notifier,
+    queue: &TriggerQueue,
+) {
+    *reload_config = true;
+    match *state {
+        AgentState::Ready => {
+            notifier.reloading();
+            *state = AgentState::Reloading;
         }
-        let mut state = match State::load(&layout.state_file) {
-            Ok(s) => s,
-            Err(error) => {
-                tracing::warn!(%error, "state file unreadable; rebuilding it from the releases on disk");
-                State::default()
-            }
-        };
-        let intact = |id: &str| layout.manifest(id).is_ok();
-        let mut serving = layout.current_id().filter(|id| intact(id));
-        if serving.is_none() {
-            // `current` is missing, dangling or names an incomplete release: fall back to the
-            // recorded one, else the newest complete release.
-            let candidate = state
-                .current
-                .as_ref()
-                .map(|c| c.id.clone())
-                .filter(|id| intact(id))
-                .or_else(|| {
-                    layout
-                        .release_ids()
-                        .ok()?
-                        .into_iter()
-                        .rev()
-                        .find(|id| intact(id))
-                });
-            if let Some(id) = &candidate {
-                tracing::warn!(release = %id, "`current` did not name a complete release; repointed it");
-                layout.switch_current(id)?;
-            } else if std::fs::symlink_metadata(&layout.current).is_ok() {
-                tracing::warn!("`current` named no complete release and none exists; removed it");
-                let _ = std::fs::remove_file(&layout.current);
-            }
-            serving = candidate;
+        AgentState::Starting { reloading: false } => {
+            notifier.reloading();
+            *state = AgentState::Starting { reloading: true };
         }
-        let recorded = state.current.as_ref().map(|c| c.id.clone());
-        if recorded != serving {
-            state.current = match &serving {
-                Some(id) => {
-                    let m = layout.manifest(id)?;
-                    Some(m.summary())
-                }
-                None => None,
-            };
-            tracing::warn!(
-                recorded = recorded.as_deref().unwrap_or("-"),
-                serving = serving.as_deref().unwrap_or("-"),
-                "state.json disagreed with `current`; corrected it"
-            );
-            state.save(&layout.state_file)?;
+        AgentState::Starting { reloading: true } | AgentState::Reloading => {}
+    }
+    queue.push(Trigger::new(TriggerOrigin::Signal));
+}
+
+/// Runs one deployment for `trigger`; returns the one-line status it ended with.
+async fn deploy(deployer: &Deployer, trigger: Trigger) -> String {
+    let request = Request {
+        target: trigger.target(),
+        force: false,
+        force_rebuild: trigger.force_rebuild,
+        clear_cache: trigger.clear_cache,
+        trigger: trigger.to_string(),
+    };
+    let span = tracing::info_span!("deployment", trigger = %trigger);
+    tracing::info!(parent: &span, "deployment triggered by {trigger}");
+    match deployer.deploy(&request).instrument(span).await {
+        Ok(Done::Deployed { release }) | Ok(Done::Unchanged { release }) => {
+            let since = deployer
+                .host()
+                .load()
+                .ok()
+                .and_then(|s| s.current)
+                .map_or_else(crate::contract::now_rfc3339, |c| c.activated_at);
+            format!("serving {release} since {since}")
         }
-        tracing::info!(
-            serving = serving.as_deref().unwrap_or("nothing"),
-            "reconciled"
-        );
-        self.reporter.serving(state.current.clone(), None);
-        Ok(())
+        Err(e) => format!("failed: {e}"),
     }
 }
 

@@ -17,21 +17,28 @@
 //! the startup deployment and the first poll. Errors are logged and the next tick tries again;
 //! a poll never stops the daemon.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use aws_sdk_s3::Client;
 use tokio::task::JoinHandle;
 
-use crate::agent::triggers::{Trigger, TriggerOrigin, TriggerQueue};
+use super::triggers::{Trigger, TriggerOrigin, TriggerQueue};
 use crate::config::Config;
 use crate::config::envfile::EnvFile;
 use crate::contract::pointer::{self, PointerRead};
 use crate::deploy::source;
-use crate::error::error_chain;
-use crate::instance::imds::Imds;
+use crate::instance::Instance;
+use crate::s3::{self, S3Failure};
 
-/// Starts the poller when `[triggers] poll_interval` is above zero.
-pub fn spawn(cfg: &Config, s3: Client, queue: TriggerQueue) -> Option<JoinHandle<()>> {
+/// Starts the poller when `[triggers] poll_interval` is above zero. It resolves the source
+/// with the daemon's own `instance`, so `{tag:NAME}` placeholders work as in a deployment.
+pub fn spawn(
+    cfg: &Config,
+    s3: Client,
+    instance: Arc<Instance>,
+    queue: TriggerQueue,
+) -> Option<JoinHandle<()>> {
     let every = cfg.triggers.poll_interval.0;
     if every.is_zero() {
         return None;
@@ -42,7 +49,7 @@ pub fn spawn(cfg: &Config, s3: Client, queue: TriggerQueue) -> Option<JoinHandle
         "polling the artifact source"
     );
     Some(tokio::spawn(async move {
-        poll_loop(cfg, s3, queue, every).await
+        poll_loop(cfg, s3, instance, queue, every).await
     }))
 }
 
@@ -52,8 +59,13 @@ fn next_delay(every: Duration) -> Duration {
     every + Duration::from_millis(fastrand::u64(0..jitter_ms))
 }
 
-async fn poll_loop(cfg: Config, s3: Client, queue: TriggerQueue, every: Duration) {
-    let imds = Imds::new();
+async fn poll_loop(
+    cfg: Config,
+    s3: Client,
+    instance: Arc<Instance>,
+    queue: TriggerQueue,
+    every: Duration,
+) {
     // (s3://bucket/key watched, its last ETag)
     let mut last: Option<(String, String)> = None;
     loop {
@@ -65,7 +77,9 @@ async fn poll_loop(cfg: Config, s3: Client, queue: TriggerQueue, every: Duration
                 continue;
             }
         };
-        let artifact = match source::resolve(&cfg, &env, None, &imds).await {
+        // Tags are read afresh at every tick, as for every deployment.
+        instance.new_deployment();
+        let artifact = match source::resolve(&cfg, &env, None, &instance).await {
             Ok(a) => a,
             Err(error) => {
                 tracing::warn!(%error, "poll: cannot resolve the artifact source");
@@ -77,8 +91,9 @@ async fn poll_loop(cfg: Config, s3: Client, queue: TriggerQueue, every: Duration
             .as_ref()
             .filter(|(watched, _)| *watched == at)
             .map(|(_, e)| e.as_str());
+        let object = &artifact.object;
         let changed = if artifact.origin.is_pointer() {
-            match pointer::read(&s3, &artifact.bucket, &artifact.key, etag).await {
+            match pointer::read(&s3, object, etag).await {
                 Ok(PointerRead::Unchanged) => None,
                 Ok(PointerRead::Changed { etag, pointer }) => {
                     tracing::info!(pointer = %at, key = %pointer.key, "poll: the release pointer changed");
@@ -90,7 +105,7 @@ async fn poll_loop(cfg: Config, s3: Client, queue: TriggerQueue, every: Duration
                 }
             }
         } else {
-            let mut head = s3.head_object().bucket(&artifact.bucket).key(&artifact.key);
+            let mut head = s3.head_object().bucket(&object.bucket).key(&object.key);
             if let Some(etag) = etag {
                 head = head.if_none_match(etag);
             }
@@ -99,11 +114,13 @@ async fn poll_loop(cfg: Config, s3: Client, queue: TriggerQueue, every: Duration
                     tracing::info!(artifact = %at, "poll: the artifact changed");
                     Some(out.e_tag().unwrap_or_default().to_string())
                 }
-                Err(e) if e.raw_response().map(|r| r.status().as_u16()) == Some(304) => None,
-                Err(e) => {
-                    tracing::warn!(artifact = %at, error = %error_chain(&e), "poll: head-object failed");
-                    None
-                }
+                Err(e) => match s3::classify(&e) {
+                    S3Failure::NotModified => None,
+                    failure => {
+                        tracing::warn!(artifact = %at, error = %failure, "poll: head-object failed");
+                        None
+                    }
+                },
             }
         };
         if let Some(etag) = changed {

@@ -27,10 +27,10 @@ use aws_sdk_s3::Client;
 use aws_sdk_s3::error::ProvideErrorMetadata;
 use aws_sdk_s3::types::{Delete, ObjectIdentifier};
 
-use crate::ci::publish::is_release_dir;
+use crate::contract::keys::is_release_dir;
 use crate::contract::pointer::{self, PointerError, PointerRead};
-use crate::error::error_chain;
 use crate::error::{ExitCode, exit};
+use crate::s3::{self, S3Failure, S3Object};
 
 /// Keys per `DeleteObjects` call (S3's maximum).
 pub const DELETE_BATCH: usize = 1000;
@@ -142,24 +142,7 @@ pub async fn gc(s3: &Client, req: &GcRequest) -> Result<GcReport, GcError> {
         .into_paginator()
         .send();
     while let Some(page) = pages.next().await {
-        let page = page.map_err(|e| {
-            let code = e.as_service_error().and_then(|s| s.code()).unwrap_or("");
-            let status = e.raw_response().map(|r| r.status().as_u16());
-            match (code, status) {
-                ("NoSuchBucket", _) | (_, Some(404)) => GcError::NoSuchBucket {
-                    bucket: bucket.into(),
-                },
-                (_, Some(403)) => GcError::AccessDenied {
-                    bucket: bucket.into(),
-                    prefix: prefix.clone(),
-                },
-                _ => GcError::List {
-                    bucket: bucket.into(),
-                    prefix: prefix.clone(),
-                    reason: error_chain(&e),
-                },
-            }
-        })?;
+        let page = page.map_err(|e| list_error(&e, bucket, &prefix))?;
         for obj in page.contents() {
             let Some(key) = obj.key() else { continue };
             let rest = &key[req.app.len() + 1..];
@@ -203,13 +186,13 @@ pub async fn gc(s3: &Client, req: &GcRequest) -> Result<GcReport, GcError> {
         pointers.into_iter().collect()
     };
     for (env, pkey) in all_pointers {
-        match pointer::read(s3, bucket, &pkey, None).await {
+        match pointer::read(s3, &S3Object::new(bucket, pkey.clone()), None).await {
             Ok(PointerRead::Changed { pointer, .. }) => {
                 protected.insert(crate::contract::signature::signature_key(&pointer.key));
                 protected.insert(pointer.key);
             }
             Ok(PointerRead::Unchanged) => {}
-            Err(PointerError::NotFound { .. }) => {}
+            Err(PointerError::NotFound(_)) => {}
             Err(e) => {
                 tracing::error!(environment = %env, pointer = %pkey, error = %e, "cannot read the release pointer; skipping this environment");
                 report.skipped.push((env.clone(), e.to_string()));
@@ -288,7 +271,7 @@ pub async fn gc(s3: &Client, req: &GcRequest) -> Result<GcReport, GcError> {
                     }
                 }
                 Err(e) => {
-                    let reason = error_chain(&e);
+                    let reason = s3::classify(&e).to_string();
                     failed.extend(batch.iter().map(|d| (d.key.clone(), reason.clone())));
                 }
             }
@@ -316,6 +299,31 @@ pub async fn gc(s3: &Client, req: &GcRequest) -> Result<GcReport, GcError> {
     Ok(report)
 }
 
+/// A listing failure, as S3 explained it.
+fn list_error<E>(
+    e: &aws_sdk_s3::error::SdkError<E, aws_sdk_s3::config::http::HttpResponse>,
+    bucket: &str,
+    prefix: &str,
+) -> GcError
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+{
+    match s3::classify(e) {
+        S3Failure::NoSuchBucket | S3Failure::NotFound => GcError::NoSuchBucket {
+            bucket: bucket.into(),
+        },
+        S3Failure::Denied => GcError::AccessDenied {
+            bucket: bucket.into(),
+            prefix: prefix.into(),
+        },
+        other => GcError::List {
+            bucket: bucket.into(),
+            prefix: prefix.into(),
+            reason: other.to_string(),
+        },
+    }
+}
+
 /// `(environment, pointer key)` for every `{app}/*/current.json`.
 async fn list_pointers(
     s3: &Client,
@@ -332,11 +340,7 @@ async fn list_pointers(
         .into_paginator()
         .send();
     while let Some(page) = pages.next().await {
-        let page = page.map_err(|e| GcError::List {
-            bucket: bucket.into(),
-            prefix: prefix.clone(),
-            reason: error_chain(&e),
-        })?;
+        let page = page.map_err(|e| list_error(&e, bucket, &prefix))?;
         for p in page.common_prefixes() {
             if let Some(env_prefix) = p.prefix() {
                 let env = env_prefix[prefix.len()..].trim_end_matches('/').to_string();

@@ -38,25 +38,18 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Read};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use aws_sdk_s3::Client;
-use aws_sdk_s3::config::http::HttpResponse;
-use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
-use aws_sdk_s3::primitives::ByteStream;
-use aws_sdk_s3::types::{
-    ChecksumAlgorithm, ChecksumMode, ChecksumType, CompletedMultipartUpload, CompletedPart,
-};
-use futures_util::{StreamExt, TryStreamExt};
 use sha2::{Digest, Sha256};
 
+use super::upload::{self, Parts, Sent, UploadError};
+use crate::contract::keys::{self, artifact_key, is_segment};
 use crate::contract::pointer::{self, Pointer};
 use crate::contract::signature::{self, SignError, SigningKey};
-use crate::error::error_chain;
 use crate::error::{ExitCode, exit};
+use crate::s3::{self as s3mod, S3Failure, S3Object};
 
 /// Files up to this size go up in one `PutObject`.
 pub const DEFAULT_MULTIPART_THRESHOLD: u64 = 64 << 20;
@@ -64,21 +57,25 @@ pub const DEFAULT_MULTIPART_THRESHOLD: u64 = 64 << 20;
 pub const DEFAULT_PART_SIZE: u64 = 16 << 20;
 /// Parts in flight at once.
 pub const DEFAULT_CONCURRENCY: usize = 8;
-/// S3's limits on multipart uploads.
-const MIN_PART_SIZE: u64 = 5 << 20;
-const MAX_PARTS: u64 = 10_000;
 
 /// What to publish.
 #[derive(Debug, Clone)]
 pub struct PublishRequest {
+    /// The artifact file.
     pub file: PathBuf,
+    /// The bucket.
     pub bucket: String,
+    /// The app (first key segment).
     pub app: String,
+    /// The environment (second key segment): prod, staging, pr-51, …
     pub environment: String,
     /// Full commit id; the key uses its first 8 characters.
     pub commit: String,
+    /// The branch, for the metadata.
     pub branch: Option<String>,
+    /// The CI run id, for the metadata.
     pub run_id: Option<String>,
+    /// The pull request number, for the metadata.
     pub pr_number: Option<String>,
     /// A minisign secret key file.
     pub sign: Option<PathBuf>,
@@ -86,8 +83,11 @@ pub struct PublishRequest {
     pub sign_password: Option<String>,
     /// Rewrite `{app}/{environment}/current.json` once the artifact is in place.
     pub pointer: bool,
+    /// Files larger than this go up as multipart uploads.
     pub multipart_threshold: u64,
+    /// Multipart part size.
     pub part_size: u64,
+    /// Parts in flight at once.
     pub concurrency: usize,
     /// The build time that names the key.
     pub now: SystemTime,
@@ -96,9 +96,13 @@ pub struct PublishRequest {
 /// The values `publish` fills from the CI environment when the command line leaves them out.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CiDefaults {
+    /// `GITHUB_SHA`.
     pub commit: Option<String>,
+    /// `GITHUB_HEAD_REF` on pull requests, else `GITHUB_REF_NAME`.
     pub branch: Option<String>,
+    /// `GITHUB_RUN_ID`.
     pub run_id: Option<String>,
+    /// From `GITHUB_REF` `refs/pull/N/merge`.
     pub pr_number: Option<String>,
 }
 
@@ -117,68 +121,72 @@ impl CiDefaults {
             }),
         }
     }
+
+    /// The commit: the command line's, else CI's; without either, a usage error.
+    pub fn commit_or(&self, given: Option<String>) -> Result<String, PublishError> {
+        given.or_else(|| self.commit.clone()).ok_or_else(|| {
+            PublishError::Usage(
+                "no commit id: pass --commit SHA or run where GITHUB_SHA is set".into(),
+            )
+        })
+    }
 }
 
 /// A successful publish.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Published {
-    pub bucket: String,
-    pub key: String,
+    /// The artifact.
+    pub object: S3Object,
     /// Lower-case hex.
     pub sha256: String,
+    /// Bytes.
     pub size: u64,
     /// 1 for a single `PutObject`.
     pub parts: u64,
+    /// The signature's key, when signed.
     pub signature_key: Option<String>,
+    /// The pointer's key, when moved.
     pub pointer_key: Option<String>,
 }
 
-impl Published {
-    pub fn url(&self) -> String {
-        format!("s3://{}/{}", self.bucket, self.key)
-    }
-}
-
+/// Why publishing failed.
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
+    /// A bad argument.
     #[error("{0}")]
     Usage(String),
+    /// The file cannot be read.
     #[error("cannot read {path}: {reason}")]
-    File { path: String, reason: String },
+    File {
+        /// The file.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+    /// The file is empty.
     #[error("{path} is empty; build the artifact before publishing it")]
-    EmptyFile { path: String },
+    EmptyFile {
+        /// The file.
+        path: String,
+    },
+    /// The file changed while it was read.
     #[error(
         "{path} changed size while it was being read ({expected} then {got} bytes); publish a finished file"
     )]
     FileChanged {
+        /// The file.
         path: String,
+        /// Its size before.
         expected: u64,
+        /// What was read.
         got: u64,
     },
+    /// Signing failed.
     #[error(transparent)]
     Sign(#[from] SignError),
-    #[error(
-        "s3://{bucket}/{key} already exists and deployd never overwrites a published artifact; publish again (the key's timestamp will differ)"
-    )]
-    Exists { bucket: String, key: String },
-    #[error("bucket {bucket} does not exist (publishing {key}); create it or fix --bucket")]
-    NoSuchBucket { bucket: String, key: String },
-    #[error(
-        "access to s3://{bucket}/{key} was denied; CI's credentials need s3:PutObject and s3:GetObject on the prefix, and s3:ListBucket on the bucket (packaging/ci/README.md)"
-    )]
-    AccessDenied { bucket: String, key: String },
-    #[error("uploading s3://{bucket}/{key} failed: {reason}")]
-    Upload {
-        bucket: String,
-        key: String,
-        reason: String,
-    },
-    #[error("s3://{bucket}/{key} did not land as uploaded: {reason}; the pointer was not updated")]
-    Landed {
-        bucket: String,
-        key: String,
-        reason: String,
-    },
+    /// An upload failed.
+    #[error(transparent)]
+    Upload(#[from] UploadError),
 }
 
 impl ExitCode for PublishError {
@@ -188,50 +196,9 @@ impl ExitCode for PublishError {
             PublishError::File { .. } => exit::NOINPUT,
             PublishError::EmptyFile { .. } | PublishError::FileChanged { .. } => exit::DATAERR,
             PublishError::Sign(e) => e.exit_code(),
-            PublishError::Exists { .. } => exit::TEMPFAIL,
-            PublishError::NoSuchBucket { .. } => exit::NOINPUT,
-            PublishError::AccessDenied { .. } => exit::CONFIG,
-            PublishError::Upload { .. } => exit::UNAVAILABLE,
-            PublishError::Landed { .. } => exit::DATAERR,
+            PublishError::Upload(e) => e.exit_code(),
         }
     }
-}
-
-/// True for a name usable as one key segment: letters, digits, `-`, `_`, `.`.
-fn is_segment(s: &str) -> bool {
-    !s.is_empty()
-        && s != "."
-        && s != ".."
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-}
-
-/// `YYYYmmdd-HHMMSS` in UTC.
-pub fn key_timestamp(t: SystemTime) -> String {
-    // "2026-11-05T10:15:00Z"
-    let rfc = humantime::format_rfc3339_seconds(t).to_string();
-    let digits: String = rfc.chars().filter(char::is_ascii_digit).collect();
-    format!("{}-{}", &digits[..8], &digits[8..14])
-}
-
-/// `{app}/{environment}/{commit8}-{YYYYmmdd-HHMMSS}/{app}-deployment.tar.gz`.
-pub fn artifact_key(app: &str, environment: &str, commit: &str, t: SystemTime) -> String {
-    let short = commit.get(..8).unwrap_or(commit).to_ascii_lowercase();
-    format!(
-        "{app}/{environment}/{short}-{}/{app}-deployment.tar.gz",
-        key_timestamp(t)
-    )
-}
-
-/// True for a release directory name `publish` writes: `{8 hex}-{8 digits}-{6 digits}`.
-pub fn is_release_dir(name: &str) -> bool {
-    let b = name.as_bytes();
-    b.len() == 24
-        && b[..8].iter().all(u8::is_ascii_hexdigit)
-        && b[8] == b'-'
-        && b[9..17].iter().all(u8::is_ascii_digit)
-        && b[17] == b'-'
-        && b[18..].iter().all(u8::is_ascii_digit)
 }
 
 impl PublishRequest {
@@ -262,16 +229,16 @@ impl PublishRequest {
 
     fn metadata(&self, sha256: &str) -> HashMap<String, String> {
         let mut m = HashMap::new();
-        m.insert("commit-sha".into(), self.commit.to_ascii_lowercase());
+        m.insert(keys::META_COMMIT.into(), self.commit.to_ascii_lowercase());
         m.insert(
-            "build-time".into(),
+            keys::META_BUILD_TIME.into(),
             humantime::format_rfc3339_seconds(self.now).to_string(),
         );
-        m.insert("sha256".into(), sha256.into());
+        m.insert(keys::META_SHA256.into(), sha256.into());
         for (k, v) in [
-            ("branch", &self.branch),
-            ("workflow-run-id", &self.run_id),
-            ("pr-number", &self.pr_number),
+            (keys::META_BRANCH, &self.branch),
+            (keys::META_RUN_ID, &self.run_id),
+            (keys::META_PR, &self.pr_number),
         ] {
             if let Some(v) = v.as_deref().filter(|v| !v.is_empty()) {
                 m.insert(k.into(), v.into());
@@ -279,44 +246,6 @@ impl PublishRequest {
         }
         m
     }
-}
-
-/// Maps an SDK error on `key` to a publish error.
-fn classify<E>(e: &SdkError<E, HttpResponse>, bucket: &str, key: &str) -> PublishError
-where
-    E: ProvideErrorMetadata + std::error::Error + 'static,
-{
-    let status = status_of(e);
-    let code = e.as_service_error().and_then(|s| s.code());
-    match (status, code) {
-        (Some(412), _) | (_, Some("PreconditionFailed")) => PublishError::Exists {
-            bucket: bucket.into(),
-            key: key.into(),
-        },
-        (_, Some("NoSuchBucket")) => PublishError::NoSuchBucket {
-            bucket: bucket.into(),
-            key: key.into(),
-        },
-        (Some(403), _) => PublishError::AccessDenied {
-            bucket: bucket.into(),
-            key: key.into(),
-        },
-        _ => PublishError::Upload {
-            bucket: bucket.into(),
-            key: key.into(),
-            reason: error_chain(e),
-        },
-    }
-}
-
-fn status_of<E>(e: &SdkError<E, HttpResponse>) -> Option<u16> {
-    e.raw_response().map(|r| r.status().as_u16())
-}
-
-/// True when the server rejected a conditional header it does not implement.
-fn is_not_implemented<E: ProvideErrorMetadata>(e: &SdkError<E, HttpResponse>) -> bool {
-    status_of(e) == Some(501)
-        || e.as_service_error().and_then(|s| s.code()) == Some("NotImplemented")
 }
 
 /// Reads `path` once: its SHA-256 and, with a key, its minisign signature.
@@ -391,20 +320,21 @@ pub async fn publish(s3: &Client, req: &PublishRequest) -> Result<Published, Pub
         Some(path) => Some(SigningKey::load(path, req.sign_password.clone())?),
         None => None,
     };
-    let bucket = req.bucket.as_str();
     let key = artifact_key(&req.app, &req.environment, &req.commit, req.now);
+    let object = S3Object::new(req.bucket.clone(), key.clone());
 
     // A clear answer before hashing and uploading a large file; the conditional write below
     // closes the race this check leaves open.
-    match s3.head_object().bucket(bucket).key(&key).send().await {
-        Ok(_) => {
-            return Err(PublishError::Exists {
-                bucket: bucket.into(),
-                key,
-            });
-        }
-        Err(e) if status_of(&e) == Some(404) => {}
-        Err(e) => return Err(classify(&e, bucket, &key)),
+    match s3
+        .head_object()
+        .bucket(&object.bucket)
+        .key(&object.key)
+        .send()
+        .await
+    {
+        Ok(_) => return Err(UploadError::Exists(object).into()),
+        Err(e) if s3mod::classify(&e) == S3Failure::NotFound => {}
+        Err(e) => return Err(upload::classify(&e, &object).into()),
     }
 
     let clock = Instant::now();
@@ -421,19 +351,18 @@ pub async fn publish(s3: &Client, req: &PublishRequest) -> Result<Published, Pub
         digest_and_sign(&path, size, signer.as_ref().map(|k| (k, trusted.as_str())))
     })
     .await
-    .map_err(|e| PublishError::Upload {
-        bucket: bucket.into(),
-        key: key.clone(),
+    .map_err(|e| PublishError::File {
+        path: shown.clone(),
         reason: format!("hashing stopped: {e}"),
     })??;
     tracing::info!(file = %shown, size, sha256 = %sha256, seconds = clock.elapsed().as_secs_f64(), "hashed the artifact");
 
     let signature_key = match minisig {
         Some(text) => {
-            let sig_key = signature::signature_key(&key);
-            put_small(s3, bucket, &sig_key, text.into_bytes(), "text/plain", true).await?;
-            tracing::info!(key = %sig_key, "uploaded the signature");
-            Some(sig_key)
+            let sig = object.sibling(signature::signature_key(&key));
+            upload::put_small(s3, &sig, text.into_bytes(), "text/plain", true).await?;
+            tracing::info!(signature = %sig, "uploaded the signature");
+            Some(sig.key)
         }
         None => None,
     };
@@ -441,15 +370,18 @@ pub async fn publish(s3: &Client, req: &PublishRequest) -> Result<Published, Pub
     let metadata = req.metadata(&sha256);
     let clock = Instant::now();
     let parts = if size <= req.multipart_threshold {
-        put_whole(s3, req, &key, metadata, &digest).await?;
+        upload::put_file(s3, &object, &req.file, metadata, &digest).await?;
         1
     } else {
-        put_multipart(s3, req, &key, size, metadata).await?
+        let cut = Parts {
+            size: req.part_size,
+            concurrency: req.concurrency,
+        };
+        upload::put_multipart(s3, &object, &req.file, size, metadata, cut).await?
     };
     let seconds = clock.elapsed().as_secs_f64();
     tracing::info!(
-        bucket,
-        key = %key,
+        object = %object,
         size,
         parts,
         seconds,
@@ -457,341 +389,45 @@ pub async fn publish(s3: &Client, req: &PublishRequest) -> Result<Published, Pub
         "uploaded the artifact"
     );
 
-    check_landed(s3, bucket, &key, size, &sha256, &req.commit, parts, &digest).await?;
+    let sent = Sent {
+        size,
+        sha256: &sha256,
+        commit: &req.commit,
+        parts,
+        digest: &digest,
+    };
+    upload::check_landed(s3, &object, sent).await?;
 
     let pointer_key = if req.pointer {
-        let pkey = pointer::pointer_key(&req.app, &req.environment);
+        let at = object.sibling(pointer::pointer_key(&req.app, &req.environment));
         let doc = Pointer {
             key: key.clone(),
             sha256: sha256.clone(),
             commit: req.commit.to_ascii_lowercase(),
             published_at: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
         };
-        put_small(
+        upload::put_small(
             s3,
-            bucket,
-            &pkey,
+            &at,
             doc.to_json().into_bytes(),
             "application/json",
             false,
         )
         .await?;
-        tracing::info!(pointer = %pkey, key = %key, "release pointer updated");
-        Some(pkey)
+        tracing::info!(pointer = %at, key = %key, "release pointer updated");
+        Some(at.key)
     } else {
         None
     };
 
     Ok(Published {
-        bucket: bucket.into(),
-        key,
+        object,
         sha256,
         size,
         parts,
         signature_key,
         pointer_key,
     })
-}
-
-/// Writes a small object with a full SHA-256 checksum; `create_only` refuses an existing key.
-async fn put_small(
-    s3: &Client,
-    bucket: &str,
-    key: &str,
-    body: Vec<u8>,
-    content_type: &str,
-    create_only: bool,
-) -> Result<(), PublishError> {
-    let checksum = aws_smithy_types::base64::encode(Sha256::digest(&body));
-    let send = |conditional: bool| {
-        let mut req = s3
-            .put_object()
-            .bucket(bucket)
-            .key(key)
-            .content_type(content_type)
-            .cache_control("no-cache")
-            .checksum_algorithm(ChecksumAlgorithm::Sha256)
-            .checksum_sha256(&checksum)
-            .body(ByteStream::from(body.clone()));
-        if conditional {
-            req = req.if_none_match("*");
-        }
-        req.send()
-    };
-    match send(create_only).await {
-        Ok(_) => Ok(()),
-        Err(e) if create_only && is_not_implemented(&e) => {
-            tracing::warn!(
-                bucket,
-                key,
-                "the server does not implement conditional writes; relying on the earlier existence check"
-            );
-            send(false)
-                .await
-                .map(|_| ())
-                .map_err(|e| classify(&e, bucket, key))
-        }
-        Err(e) => Err(classify(&e, bucket, key)),
-    }
-}
-
-/// One `PutObject` streamed from the file, with the full-object SHA-256 checksum.
-async fn put_whole(
-    s3: &Client,
-    req: &PublishRequest,
-    key: &str,
-    metadata: HashMap<String, String>,
-    digest: &[u8; 32],
-) -> Result<(), PublishError> {
-    let bucket = req.bucket.as_str();
-    let checksum = aws_smithy_types::base64::encode(digest);
-    let send = |conditional: bool| {
-        let metadata = metadata.clone();
-        let checksum = checksum.clone();
-        async move {
-            let body = ByteStream::from_path(&req.file)
-                .await
-                .map_err(|e| PublishError::File {
-                    path: req.file.display().to_string(),
-                    reason: e.to_string(),
-                })?;
-            let mut put = s3
-                .put_object()
-                .bucket(bucket)
-                .key(key)
-                .content_type("application/gzip")
-                .set_metadata(Some(metadata))
-                .checksum_algorithm(ChecksumAlgorithm::Sha256)
-                .checksum_sha256(checksum)
-                .body(body);
-            if conditional {
-                put = put.if_none_match("*");
-            }
-            Ok::<_, PublishError>(put.send().await)
-        }
-    };
-    match send(true).await? {
-        Ok(_) => Ok(()),
-        Err(e) if is_not_implemented(&e) => {
-            tracing::warn!(
-                bucket,
-                key,
-                "the server does not implement conditional writes; relying on the earlier existence check"
-            );
-            send(false)
-                .await?
-                .map(|_| ())
-                .map_err(|e| classify(&e, bucket, key))
-        }
-        Err(e) => Err(classify(&e, bucket, key)),
-    }
-}
-
-/// A multipart upload with `concurrency` parts in flight, each with its SHA-256 checksum.
-/// Returns the number of parts.
-async fn put_multipart(
-    s3: &Client,
-    req: &PublishRequest,
-    key: &str,
-    size: u64,
-    metadata: HashMap<String, String>,
-) -> Result<u64, PublishError> {
-    let bucket = req.bucket.as_str();
-    let part_size = req
-        .part_size
-        .max(MIN_PART_SIZE)
-        .max(size.div_ceil(MAX_PARTS));
-    let count = size.div_ceil(part_size);
-    let created = s3
-        .create_multipart_upload()
-        .bucket(bucket)
-        .key(key)
-        .content_type("application/gzip")
-        .set_metadata(Some(metadata))
-        .checksum_algorithm(ChecksumAlgorithm::Sha256)
-        .send()
-        .await
-        .map_err(|e| classify(&e, bucket, key))?;
-    let Some(upload_id) = created.upload_id().map(str::to_string) else {
-        return Err(PublishError::Upload {
-            bucket: bucket.into(),
-            key: key.into(),
-            reason: "CreateMultipartUpload returned no upload id".into(),
-        });
-    };
-    let file = Arc::new(File::open(&req.file).map_err(|e| PublishError::File {
-        path: req.file.display().to_string(),
-        reason: e.to_string(),
-    })?);
-    let result = async {
-        let mut parts: Vec<CompletedPart> = futures_util::stream::iter(1..=count)
-            .map(|n| {
-                let file = Arc::clone(&file);
-                let upload_id = upload_id.as_str();
-                async move {
-                    let offset = (n - 1) * part_size;
-                    let len = part_size.min(size - offset);
-                    // Reading and hashing a part is CPU and disk work: keep it off the runtime.
-                    let (data, checksum) = tokio::task::spawn_blocking(move || {
-                        let mut buf = vec![0u8; len as usize];
-                        file.read_exact_at(&mut buf, offset)?;
-                        let checksum = aws_smithy_types::base64::encode(Sha256::digest(&buf));
-                        Ok::<_, io::Error>((buf, checksum))
-                    })
-                    .await
-                    .map_err(|e| io::Error::other(e.to_string()))
-                    .and_then(|r| r)
-                    .map_err(|e| PublishError::File {
-                        path: req.file.display().to_string(),
-                        reason: format!("reading part {n} at byte {offset}: {e}"),
-                    })?;
-                    let out = s3
-                        .upload_part()
-                        .bucket(bucket)
-                        .key(key)
-                        .upload_id(upload_id)
-                        .part_number(n as i32)
-                        .content_length(len as i64)
-                        .checksum_sha256(&checksum)
-                        .body(ByteStream::from(data))
-                        .send()
-                        .await
-                        .map_err(|e| classify(&e, bucket, key))?;
-                    Ok::<_, PublishError>(
-                        CompletedPart::builder()
-                            .part_number(n as i32)
-                            .set_e_tag(out.e_tag().map(str::to_string))
-                            .checksum_sha256(out.checksum_sha256().unwrap_or(&checksum))
-                            .build(),
-                    )
-                }
-            })
-            .buffer_unordered(req.concurrency)
-            .try_collect()
-            .await?;
-        parts.sort_by_key(|p| p.part_number());
-        let complete = |conditional: bool| {
-            let mut c = s3
-                .complete_multipart_upload()
-                .bucket(bucket)
-                .key(key)
-                .upload_id(&upload_id)
-                .multipart_upload(
-                    CompletedMultipartUpload::builder()
-                        .set_parts(Some(parts.clone()))
-                        .build(),
-                );
-            if conditional {
-                c = c.if_none_match("*");
-            }
-            c.send()
-        };
-        match complete(true).await {
-            Ok(_) => Ok(count),
-            // The server accepted the request but its answer could not be parsed (moto 5.2
-            // names the XML root `CompleteMultipartUploadResponse`). Whether the object is
-            // complete and right is what `check_landed` establishes next, from head-object.
-            Err(e) if status_of(&e) == Some(200) => {
-                tracing::warn!(bucket, key, error = %error_chain(&e), "could not parse the answer to CompleteMultipartUpload; checking what landed instead");
-                Ok(count)
-            }
-            Err(e) if is_not_implemented(&e) => {
-                tracing::warn!(bucket, key, "the server does not implement conditional writes; relying on the earlier existence check");
-                complete(false)
-                    .await
-                    .map(|_| count)
-                    .map_err(|e| classify(&e, bucket, key))
-            }
-            Err(e) => Err(classify(&e, bucket, key)),
-        }
-    }
-    .await;
-    if result.is_err()
-        && let Err(e) = s3
-            .abort_multipart_upload()
-            .bucket(bucket)
-            .key(key)
-            .upload_id(&upload_id)
-            .send()
-            .await
-    {
-        tracing::warn!(bucket, key, upload_id = %upload_id, error = %error_chain(&e), "could not abort the multipart upload; a lifecycle rule for incomplete uploads will remove its parts");
-    }
-    result
-}
-
-/// head-object: what landed has our size, digest and commit.
-#[allow(clippy::too_many_arguments)]
-async fn check_landed(
-    s3: &Client,
-    bucket: &str,
-    key: &str,
-    size: u64,
-    sha256: &str,
-    commit: &str,
-    parts: u64,
-    digest: &[u8; 32],
-) -> Result<(), PublishError> {
-    let head = s3
-        .head_object()
-        .bucket(bucket)
-        .key(key)
-        .checksum_mode(ChecksumMode::Enabled)
-        .send()
-        .await
-        .map_err(|e| classify(&e, bucket, key))?;
-    let landed = |reason: String| PublishError::Landed {
-        bucket: bucket.into(),
-        key: key.into(),
-        reason,
-    };
-    let got = head.content_length().unwrap_or(-1);
-    if got != size as i64 {
-        return Err(landed(format!("it is {got} bytes where {size} were sent")));
-    }
-    let meta = head.metadata().cloned().unwrap_or_default();
-    let get = |k: &str| {
-        meta.iter()
-            .find(|(mk, _)| mk.eq_ignore_ascii_case(k))
-            .map(|(_, v)| v.as_str())
-    };
-    if get("sha256") != Some(sha256) {
-        return Err(landed(format!(
-            "its sha256 metadata is {:?}, not {sha256}",
-            get("sha256")
-        )));
-    }
-    if !get("commit-sha").is_some_and(|c| c.eq_ignore_ascii_case(commit)) {
-        return Err(landed(format!(
-            "its commit-sha metadata is {:?}, not {commit}",
-            get("commit-sha")
-        )));
-    }
-    match (head.checksum_sha256(), head.checksum_type()) {
-        (Some(b64), Some(ChecksumType::Composite)) | (Some(b64), _) if b64.contains('-') => {
-            if parts > 1 && !b64.ends_with(&format!("-{parts}")) {
-                return Err(landed(format!(
-                    "its composite checksum {b64} does not cover {parts} parts"
-                )));
-            }
-        }
-        (Some(b64), _) if parts == 1 => {
-            let want = aws_smithy_types::base64::encode(digest);
-            if b64 != want {
-                return Err(landed(format!("its SHA-256 checksum is {b64}, not {want}")));
-            }
-        }
-        (Some(_), _) => {}
-        (None, _) => {
-            tracing::warn!(
-                bucket,
-                key,
-                "the server reports no SHA-256 checksum for the object; relying on size and metadata"
-            );
-        }
-    }
-    tracing::info!(bucket, key, size, sha256, "verified what landed");
-    Ok(())
 }
 
 /// Appends `key=`, `sha256=` and `url=` lines to GitHub Actions' `GITHUB_OUTPUT` file.
@@ -801,25 +437,17 @@ pub fn write_github_output(path: &Path, p: &Published) -> io::Result<()> {
         .create(true)
         .append(true)
         .open(path)?;
-    write!(f, "key={}\nsha256={}\nurl={}\n", p.key, p.sha256, p.url())?;
+    write!(
+        f,
+        "key={}\nsha256={}\nurl={}\n",
+        p.object.key, p.sha256, p.object
+    )?;
     f.sync_all()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
-
-    #[test]
-    fn key_shape() {
-        let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_793_873_700); // 2026-11-05 10:15:00
-        assert_eq!(key_timestamp(t), "20261105-101500");
-        let k = artifact_key("web", "prod", "622D2103DEADBEEF", t);
-        assert_eq!(k, "web/prod/622d2103-20261105-101500/web-deployment.tar.gz");
-        assert!(is_release_dir("622d2103-20261105-101500"));
-        assert!(!is_release_dir("current.json"));
-        assert!(!is_release_dir("622d2103-2026110-1015000"));
-    }
 
     #[test]
     fn github_defaults() {

@@ -15,6 +15,7 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer};
 
 use crate::error::{ExitCode, exit};
+pub use crate::s3::S3Config;
 
 /// Where the configuration lives unless `--config` or `DEPLOYD_CONFIG` say otherwise.
 pub const DEFAULT_PATH: &str = "/etc/deployd/deployd.toml";
@@ -176,17 +177,6 @@ impl Default for SourceConfig {
             pointer_key: None,
         }
     }
-}
-
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct S3Config {
-    /// Default: `AWS_REGION`, then the profile, then IMDS.
-    pub region: Option<String>,
-    /// Default: the SDK's own resolution (`AWS_ENDPOINT_URL_S3`, `AWS_ENDPOINT_URL`).
-    pub endpoint_url: Option<String>,
-    /// Forced on for IP-address and `localhost` endpoints.
-    pub force_path_style: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -441,7 +431,7 @@ impl Config {
                 format!("{url:?} must start with http:// or https://"),
             ));
         }
-        if let Err(message) = crate::instance::tags::check_prefix(&self.report.tag_prefix) {
+        if let Err(message) = check_tag_prefix(&self.report.tag_prefix) {
             return Err(self.invalid("report.tag_prefix", message));
         }
         if let Some(file) = &self.report.metrics_file
@@ -456,6 +446,11 @@ impl Config {
             self.trusted_gid()?;
         }
         Ok(())
+    }
+
+    /// Every path under `state_dir` and `runtime_dir`.
+    pub fn paths(&self) -> crate::contract::host::Paths {
+        crate::contract::host::Paths::new(&self.state_dir, &self.runtime_dir)
     }
 
     /// The numeric id of `[triggers] trusted_group`, if one is configured.
@@ -476,6 +471,31 @@ impl Config {
             )),
         }
     }
+}
+
+/// Checks `[report] tag_prefix`: the prefix plus the longest tag name must be a valid EC2 tag
+/// key, including on instances that expose tags in instance metadata (no spaces, no `/`).
+fn check_tag_prefix(prefix: &str) -> Result<(), String> {
+    if prefix.is_empty() {
+        return Err("must not be empty (deployd would overwrite tags such as `status`)".into());
+    }
+    if prefix.to_ascii_lowercase().starts_with("aws:") {
+        return Err(format!("{prefix:?} starts with `aws:`, which AWS reserves"));
+    }
+    if prefix.chars().count() + "updated".len() > 128 {
+        return Err(format!(
+            "{prefix:?} is too long: tag keys are at most 128 characters"
+        ));
+    }
+    if let Some(c) = prefix
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || "+-=.,_:@".contains(*c)))
+    {
+        return Err(format!(
+            "{prefix:?} contains {c:?}: use letters, digits and + - = . , _ : @"
+        ));
+    }
+    Ok(())
 }
 
 /// Turns a TOML error into one line naming the file, the line and (where it can be found) the
@@ -591,6 +611,22 @@ mod tests {
         ] {
             let msg = parse(text).unwrap_err().to_string();
             assert!(msg.contains(key), "{text:?} gave {msg}");
+        }
+    }
+
+    #[test]
+    fn prefixes_are_checked() {
+        assert!(check_tag_prefix("deployd:").is_ok());
+        assert!(check_tag_prefix("acme.deployd-").is_ok());
+        for bad in [
+            "",
+            "aws:deployd:",
+            "AWS:x",
+            "with space",
+            "a/b",
+            &"x".repeat(125),
+        ] {
+            assert!(check_tag_prefix(bad).is_err(), "{bad:?} accepted");
         }
     }
 }

@@ -1,207 +1,152 @@
-//! Durable and live state: `state.json` and `status.json`.
+//! The files deployd keeps on the host: where they are ([`Paths`]) and what a release's
+//! manifest says ([`Manifest`]).
 //!
-//! `state.json` (in the state directory) records what is serving, the previous good release,
-//! the last attempt and a short history. It is written atomically (temporary file, fsync,
-//! rename, fsync of the directory), so a crash or power loss leaves either the old or the new
-//! file, never half of one.
-//!
-//! `status.json` (in the runtime directory) is the live view for `deployd status` and
-//! monitoring: the stage of the running deployment, its progress, and the last result. It is
-//! best effort: failing to write it is logged, never fatal.
+//! ```text
+//! <state_dir>/                    /var/lib/deployd
+//!   releases/<id>/                one complete unpacked release each, with .deployd-release.json
+//!   current -> releases/<id>      switched atomically: a temporary symlink renamed over it
+//!   staging/                      work in progress; debris there is removed before the next run
+//!   state.json                    see crate::contract::state
+//!   metrics.json                  the metrics' counters, kept across restarts
+//!   lock                          flock(2) held for the length of one deployment
+//! <runtime_dir>/                  /run/deployd
+//!   status.json                   the live status
+//!   triggers/                     drop a file here to redeploy
+//! ```
 
-use std::fs::{self, File};
-use std::io::{self, Write};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{ExitCode, exit};
+use crate::s3::S3Object;
 
-/// How many past attempts `state.json` keeps.
-const HISTORY: usize = 20;
+/// The manifest's file name inside every release.
+pub const MANIFEST: &str = ".deployd-release.json";
 
-#[derive(Debug, thiserror::Error)]
-pub enum StateError {
-    #[error("cannot {action} {path}: {source}")]
-    Io {
-        action: &'static str,
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    #[error(
-        "{path} is not valid deployd state ({reason}); move it aside and deployd will rebuild it from the releases on disk"
-    )]
-    Corrupt { path: PathBuf, reason: String },
+/// Every path deployd reads or writes on the host, built in one place.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Paths {
+    /// `[state_dir]`.
+    pub state_dir: PathBuf,
+    /// `<state_dir>/releases`.
+    pub releases: PathBuf,
+    /// `<state_dir>/staging`.
+    pub staging: PathBuf,
+    /// `<state_dir>/current`, a symlink to the serving release.
+    pub current: PathBuf,
+    /// `<state_dir>/state.json`.
+    pub state_file: PathBuf,
+    /// `<state_dir>/lock`.
+    pub lock_file: PathBuf,
+    /// `<state_dir>/metrics.json`.
+    pub metrics_counters: PathBuf,
+    /// `[runtime_dir]`.
+    pub runtime_dir: PathBuf,
+    /// `<runtime_dir>/status.json`.
+    pub status_file: PathBuf,
+    /// `<runtime_dir>/triggers`.
+    pub triggers: PathBuf,
 }
 
-impl ExitCode for StateError {
-    fn exit_code(&self) -> i32 {
-        exit::SOFTWARE
+impl Paths {
+    /// The paths under a state directory and a runtime directory.
+    pub fn new(state_dir: &Path, runtime_dir: &Path) -> Paths {
+        Paths {
+            state_dir: state_dir.to_path_buf(),
+            releases: state_dir.join("releases"),
+            staging: state_dir.join("staging"),
+            current: state_dir.join("current"),
+            state_file: state_dir.join("state.json"),
+            lock_file: state_dir.join("lock"),
+            metrics_counters: state_dir.join("metrics.json"),
+            runtime_dir: runtime_dir.to_path_buf(),
+            status_file: runtime_dir.join("status.json"),
+            triggers: runtime_dir.join("triggers"),
+        }
+    }
+
+    /// `releases/<id>`.
+    pub fn release_dir(&self, id: &str) -> PathBuf {
+        self.releases.join(id)
     }
 }
 
-/// Now, as RFC 3339 with seconds.
-pub fn now_rfc3339() -> String {
-    humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
-}
-
-/// Writes `bytes` to `path` atomically and durably.
-pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), StateError> {
-    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-    let io = |action: &'static str, p: &Path| {
-        let p = p.to_path_buf();
-        move |source| StateError::Io {
-            action,
-            path: p,
-            source,
-        }
-    };
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(io("create", &tmp))?;
-    // The mode is set explicitly: the unit's UMask must not make status.json unreadable.
-    f.set_permissions(std::fs::Permissions::from_mode(mode))
-        .map_err(io("set the mode of", &tmp))?;
-    f.write_all(bytes).map_err(io("write", &tmp))?;
-    f.sync_all().map_err(io("sync", &tmp))?;
-    drop(f);
-    fs::rename(&tmp, path).map_err(io("replace", path))?;
-    sync_dir(dir).map_err(io("sync", dir))
-}
-
-/// fsyncs a directory, making renames and creations in it durable.
-pub fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
-}
-
-/// A release as recorded in the state.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ReleaseSummary {
-    pub id: String,
-    pub bucket: String,
-    pub key: String,
-    pub sha256: String,
-    pub etag: String,
-    pub commit: Option<String>,
-    pub activated_at: String,
-}
-
-/// The outcome of one attempt.
+/// How an artifact was compressed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Outcome {
-    Deployed,
-    Unchanged,
-    Failed,
-    RolledBack,
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    /// gzip, possibly multi-member.
+    Gzip,
+    /// zstd.
+    Zstd,
+    /// A plain tar.
+    None,
 }
 
-/// One deployment attempt.
+/// What was unpacked.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stats {
+    /// Archive entries read.
+    pub entries: u64,
+    /// Regular files written.
+    pub files: u64,
+    /// Directories created.
+    pub dirs: u64,
+    /// Symlinks created.
+    pub symlinks: u64,
+    /// Hardlinks created.
+    pub hardlinks: u64,
+    /// Bytes of file content written.
+    pub bytes: u64,
+}
+
+/// `.deployd-release.json`: where a release came from and what it holds.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Attempt {
-    pub started_at: String,
-    pub finished_at: String,
-    pub outcome: Outcome,
-    pub trigger: String,
-    pub bucket: Option<String>,
-    pub key: Option<String>,
-    pub release: Option<String>,
-    pub error: Option<String>,
-    pub exit_code: i32,
+pub struct Manifest {
+    /// The release id.
+    pub id: String,
+    /// `app` from the config.
+    pub app: String,
+    /// The artifact, pinned to the ETag and version that were downloaded.
+    #[serde(flatten)]
+    pub artifact: S3Object,
+    /// Lower-case hex SHA-256 of the downloaded bytes.
+    pub sha256: String,
+    /// What the digest was checked against (`sha256 metadata`, `release pointer`, …).
+    pub sha256_verified_against: Option<String>,
+    /// The artifact's size in bytes.
+    pub size: u64,
+    /// How it was compressed.
+    pub compression: Compression,
+    /// Its S3 user metadata (`commit-sha`, `branch`, …).
+    pub metadata: BTreeMap<String, String>,
+    /// RFC 3339, as S3 reported it.
+    pub last_modified: Option<String>,
+    /// What was unpacked.
+    pub unpacked: Stats,
+    /// RFC 3339 with nanoseconds; orders releases.
+    pub fetched_at: String,
+    /// Which source named the artifact.
+    pub source: String,
 }
 
-/// `state.json`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct State {
-    pub current: Option<ReleaseSummary>,
-    pub previous_good: Option<ReleaseSummary>,
-    pub last_attempt: Option<Attempt>,
-    #[serde(default)]
-    pub history: Vec<Attempt>,
-}
+impl Manifest {
+    /// The commit the release was built from (`commit-sha` metadata).
+    pub fn commit(&self) -> Option<&str> {
+        self.metadata
+            .get(crate::contract::keys::META_COMMIT)
+            .map(String::as_str)
+    }
 
-impl State {
-    /// Reads the state; a missing file is an empty state.
-    pub fn load(path: &Path) -> Result<State, StateError> {
-        match fs::read(path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| StateError::Corrupt {
-                path: path.to_path_buf(),
-                reason: e.to_string(),
-            }),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(State::default()),
-            Err(source) => Err(StateError::Io {
-                action: "read",
-                path: path.to_path_buf(),
-                source,
-            }),
+    /// This release as `state.json` records a serving one, activated now.
+    pub fn summary(&self) -> crate::contract::state::ReleaseSummary {
+        crate::contract::state::ReleaseSummary {
+            id: self.id.clone(),
+            artifact: self.artifact.clone(),
+            sha256: self.sha256.clone(),
+            commit: self.commit().map(str::to_string),
+            activated_at: crate::contract::now_rfc3339(),
         }
-    }
-
-    pub fn save(&self, path: &Path) -> Result<(), StateError> {
-        let mut bytes = serde_json::to_vec_pretty(self).map_err(|e| StateError::Corrupt {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        })?;
-        bytes.push(b'\n');
-        write_atomic(path, &bytes, 0o640)
-    }
-
-    /// Records an attempt as the last one and in the history.
-    pub fn record(&mut self, attempt: Attempt) {
-        self.history.insert(0, attempt.clone());
-        self.history.truncate(HISTORY);
-        self.last_attempt = Some(attempt);
-    }
-}
-
-/// `status.json`: the live view of the agent.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Status {
-    pub pid: u32,
-    /// `idle`, `resolving`, `verifying`, `fetching`, `unpacking`, `activating`, `building`,
-    /// `starting`, `waiting for docker`, `stopping`.
-    pub stage: String,
-    pub detail: Option<String>,
-    pub deploying: bool,
-    pub bytes_done: Option<u64>,
-    pub bytes_total: Option<u64>,
-    pub bucket: Option<String>,
-    pub key: Option<String>,
-    pub serving: Option<ReleaseSummary>,
-    pub last_attempt: Option<Attempt>,
-    pub started_at: Option<String>,
-    pub updated_at: String,
-}
-
-impl Status {
-    /// Writes `status.json` into `runtime_dir`; failures are logged once per call site.
-    pub fn write(&self, runtime_dir: &Path) {
-        let path = runtime_dir.join("status.json");
-        let result = serde_json::to_vec_pretty(self)
-            .map_err(|e| e.to_string())
-            .and_then(|bytes| {
-                fs::create_dir_all(runtime_dir).map_err(|e| e.to_string())?;
-                write_atomic(&path, &bytes, 0o644).map_err(|e| e.to_string())
-            });
-        if let Err(error) = result {
-            tracing::debug!(path = %path.display(), %error, "could not write status file");
-        }
-    }
-
-    pub fn load(runtime_dir: &Path) -> Option<Status> {
-        let bytes = fs::read(runtime_dir.join("status.json")).ok()?;
-        serde_json::from_slice(&bytes).ok()
     }
 }

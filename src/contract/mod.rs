@@ -1,4 +1,22 @@
-//! contract
+//! The contract: what CI writes and the agent reads, and what the agent leaves on the host for
+//! people and programs to read.
+//!
+//! - [`keys`]: the versioned S3 key layout and the user metadata names;
+//! - [`pointer`]: `current.json`, the release pointer;
+//! - [`signature`]: `<key>.minisig`, minisign signatures;
+//! - [`host`]: the paths under the state and runtime directories, and a release's manifest;
+//! - [`state`]: `state.json` and `status.json`, and the deployment [`state::Stage`]s.
+//!
+//! Nothing here decides anything: the pipeline ([`crate::deploy`]), the daemon
+//! ([`crate::agent`]) and the CI commands ([`crate::ci`]) all speak through these types.
+
 pub mod host;
+pub mod keys;
 pub mod pointer;
 pub mod signature;
+pub mod state;
+
+/// Now, as RFC 3339 with seconds: the timestamp format of every contract file.
+pub fn now_rfc3339() -> String {
+    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+}

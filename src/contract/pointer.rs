@@ -30,11 +30,10 @@
 //! and "follow CI", and only the operator knows which was meant.
 
 use aws_sdk_s3::Client;
-use aws_sdk_s3::error::SdkError;
 
-use crate::deploy::source::is_sha256_hex;
-use crate::error::error_chain;
+use crate::contract::keys::is_sha256_hex;
 use crate::error::{ExitCode, exit};
+use crate::s3::{self, S3Failure, S3Object, SmallBody, read_small_body};
 
 /// A pointer object is a few hundred bytes; anything much larger is not one.
 pub const MAX_POINTER_BYTES: usize = 64 * 1024;
@@ -69,32 +68,24 @@ pub enum PointerRead {
 #[derive(Debug, thiserror::Error)]
 pub enum PointerError {
     #[error(
-        "release pointer s3://{bucket}/{key} does not exist; publish with `deployd publish --pointer` or fix DEPLOYMENT_POINTER / [source] pointer_key"
+        "release pointer {0} does not exist; publish with `deployd publish --pointer` or fix DEPLOYMENT_POINTER / [source] pointer_key"
     )]
-    NotFound { bucket: String, key: String },
+    NotFound(S3Object),
     #[error(
-        "access to release pointer s3://{bucket}/{key} was denied; the instance's credentials need s3:GetObject on it"
+        "access to release pointer {0} was denied; the instance's credentials need s3:GetObject on it"
     )]
-    AccessDenied { bucket: String, key: String },
-    #[error("release pointer s3://{bucket}/{key} is not valid: {reason}; republish it")]
-    Malformed {
-        bucket: String,
-        key: String,
-        reason: String,
-    },
-    #[error("S3 did not answer for release pointer s3://{bucket}/{key}: {reason}")]
-    Unavailable {
-        bucket: String,
-        key: String,
-        reason: String,
-    },
+    AccessDenied(S3Object),
+    #[error("release pointer {object} is not valid: {reason}; republish it")]
+    Malformed { object: S3Object, reason: String },
+    #[error("S3 did not answer for release pointer {object}: {reason}")]
+    Unavailable { object: S3Object, reason: String },
 }
 
 impl ExitCode for PointerError {
     fn exit_code(&self) -> i32 {
         match self {
-            PointerError::NotFound { .. } => exit::NOINPUT,
-            PointerError::AccessDenied { .. } => exit::CONFIG,
+            PointerError::NotFound(_) => exit::NOINPUT,
+            PointerError::AccessDenied(_) => exit::CONFIG,
             PointerError::Malformed { .. } => exit::DATAERR,
             PointerError::Unavailable { .. } => exit::UNAVAILABLE,
         }
@@ -133,79 +124,52 @@ pub fn pointer_key(app: &str, environment: &str) -> String {
     format!("{app}/{environment}/{POINTER_NAME}")
 }
 
-/// Reads the pointer at `s3://bucket/key`; with `last_etag`, a pointer that has not changed
-/// costs one conditional GET answered 304 and yields [`PointerRead::Unchanged`].
+/// Reads the pointer `object`; with `last_etag`, a pointer that has not changed costs one
+/// conditional GET answered 304 and yields [`PointerRead::Unchanged`].
 pub async fn read(
     s3: &Client,
-    bucket: &str,
-    key: &str,
+    object: &S3Object,
     last_etag: Option<&str>,
 ) -> Result<PointerRead, PointerError> {
-    let mut req = s3.get_object().bucket(bucket).key(key);
+    let mut req = s3.get_object().bucket(&object.bucket).key(&object.key);
     if let Some(etag) = last_etag.filter(|e| !e.is_empty()) {
         req = req.if_none_match(etag);
     }
+    let unavailable = |reason: String| PointerError::Unavailable {
+        object: object.clone(),
+        reason,
+    };
     let resp = match req.send().await {
         Ok(resp) => resp,
         Err(e) => {
-            let status = e.raw_response().map(|r| r.status().as_u16());
-            return Err(match (&e, status) {
-                (_, Some(304)) => return Ok(PointerRead::Unchanged),
-                (SdkError::ServiceError(s), _) if s.err().is_no_such_key() => {
-                    PointerError::NotFound {
-                        bucket: bucket.into(),
-                        key: key.into(),
-                    }
+            return match s3::classify(&e) {
+                S3Failure::NotModified => Ok(PointerRead::Unchanged),
+                S3Failure::NotFound | S3Failure::NoSuchBucket => {
+                    Err(PointerError::NotFound(object.clone()))
                 }
-                (_, Some(404)) => PointerError::NotFound {
-                    bucket: bucket.into(),
-                    key: key.into(),
-                },
-                (_, Some(403)) => PointerError::AccessDenied {
-                    bucket: bucket.into(),
-                    key: key.into(),
-                },
-                _ => PointerError::Unavailable {
-                    bucket: bucket.into(),
-                    key: key.into(),
-                    reason: error_chain(&e),
-                },
-            });
+                S3Failure::Denied => Err(PointerError::AccessDenied(object.clone())),
+                other => Err(unavailable(other.to_string())),
+            };
         }
     };
     let malformed = |reason: String| PointerError::Malformed {
-        bucket: bucket.into(),
-        key: key.into(),
+        object: object.clone(),
         reason,
     };
-    if resp
-        .content_length()
-        .is_some_and(|n| n > MAX_POINTER_BYTES as i64)
-    {
-        return Err(malformed(format!(
-            "it is {} bytes, more than a pointer's {MAX_POINTER_BYTES}",
-            resp.content_length().unwrap_or_default()
-        )));
-    }
-    let etag = resp.e_tag().unwrap_or_default().to_string();
-    let body = resp
-        .body
-        .collect()
+    let body = read_small_body(resp, MAX_POINTER_BYTES)
         .await
-        .map_err(|e| PointerError::Unavailable {
-            bucket: bucket.into(),
-            key: key.into(),
-            reason: error_chain(&e),
-        })?
-        .into_bytes();
-    if body.len() > MAX_POINTER_BYTES {
-        return Err(malformed(format!(
-            "it is more than a pointer's {MAX_POINTER_BYTES} bytes"
-        )));
-    }
-    let pointer = Pointer::parse(&body).map_err(malformed)?;
-    tracing::debug!(bucket, key, etag = %etag, artifact = %pointer.key, sha256 = %pointer.sha256, "read release pointer");
-    Ok(PointerRead::Changed { pointer, etag })
+        .map_err(|e| match e {
+            SmallBody::TooLarge => malformed(format!(
+                "it is more than a pointer's {MAX_POINTER_BYTES} bytes"
+            )),
+            SmallBody::Failed(reason) => unavailable(reason),
+        })?;
+    let pointer = Pointer::parse(&body.bytes).map_err(malformed)?;
+    tracing::debug!(pointer = %object, etag = %body.etag, artifact = %pointer.key, sha256 = %pointer.sha256, "read release pointer");
+    Ok(PointerRead::Changed {
+        pointer,
+        etag: body.etag,
+    })
 }
 
 #[cfg(test)]

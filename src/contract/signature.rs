@@ -38,11 +38,10 @@ use std::io::Read;
 use std::path::Path;
 
 use aws_sdk_s3::Client;
-use aws_sdk_s3::error::SdkError;
 use minisign_verify::{PublicKey, Signature, StreamVerifier};
 
-use crate::error::error_chain;
 use crate::error::{ExitCode, exit};
+use crate::s3::{self, S3Failure, S3Object, SmallBody, read_small_body};
 
 /// The suffix of a signature object.
 pub const SUFFIX: &str = ".minisig";
@@ -74,35 +73,23 @@ pub enum SignatureError {
     #[error("[source] public_key {0}")]
     BadPublicKey(String),
     #[error(
-        "artifact s3://{bucket}/{key} has no signature (s3://{bucket}/{key}{SUFFIX} does not exist) and [source] public_key requires one; publish it with `deployd publish --sign`"
+        "artifact {0} has no signature ({0}{SUFFIX} does not exist) and [source] public_key requires one; publish it with `deployd publish --sign`"
     )]
-    Missing { bucket: String, key: String },
+    Missing(S3Object),
     #[error(
-        "signature s3://{bucket}/{key}{SUFFIX} cannot be used: {reason}; republish the artifact with `deployd publish --sign`"
+        "signature {object}{SUFFIX} cannot be used: {reason}; republish the artifact with `deployd publish --sign`"
     )]
-    Unusable {
-        bucket: String,
-        key: String,
-        reason: String,
-    },
+    Unusable { object: S3Object, reason: String },
     #[error(
-        "signature s3://{bucket}/{key}{SUFFIX} was made with another key than [source] public_key; sign with the matching secret key or update public_key"
+        "signature {0}{SUFFIX} was made with another key than [source] public_key; sign with the matching secret key or update public_key"
     )]
-    WrongKey { bucket: String, key: String },
+    WrongKey(S3Object),
     #[error(
-        "artifact s3://{bucket}/{key} does not match its signature {SUFFIX} ({reason}); it was altered after signing, nothing was activated"
+        "artifact {object} does not match its signature {SUFFIX} ({reason}); it was altered after signing, nothing was activated"
     )]
-    Invalid {
-        bucket: String,
-        key: String,
-        reason: String,
-    },
-    #[error("S3 did not answer for signature s3://{bucket}/{key}{SUFFIX}: {reason}")]
-    Unavailable {
-        bucket: String,
-        key: String,
-        reason: String,
-    },
+    Invalid { object: S3Object, reason: String },
+    #[error("S3 did not answer for signature {object}{SUFFIX}: {reason}")]
+    Unavailable { object: S3Object, reason: String },
 }
 
 impl ExitCode for SignatureError {
@@ -118,9 +105,8 @@ impl ExitCode for SignatureError {
 /// A fetched signature and the public key it must verify against.
 #[derive(Clone)]
 pub struct Signed {
-    pub bucket: String,
-    /// The artifact's key (not the signature's).
-    pub key: String,
+    /// The artifact (not its signature).
+    pub object: S3Object,
     public_key: PublicKey,
     signature: Signature,
 }
@@ -128,8 +114,7 @@ pub struct Signed {
 impl std::fmt::Debug for Signed {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Signed")
-            .field("bucket", &self.bucket)
-            .field("key", &self.key)
+            .field("object", &self.object)
             .field("trusted_comment", &self.trusted_comment())
             .finish_non_exhaustive()
     }
@@ -151,26 +136,22 @@ impl Signed {
     /// Checks the signature once every byte has been fed to `verifier`.
     pub fn finish(&self, mut verifier: StreamVerifier<'_>) -> Result<(), SignatureError> {
         verifier.finalize().map_err(|e| SignatureError::Invalid {
-            bucket: self.bucket.clone(),
-            key: self.key.clone(),
+            object: self.object.clone(),
             reason: e.to_string().to_lowercase(),
         })
     }
 
     fn classify(&self, e: minisign_verify::Error) -> SignatureError {
         match e {
-            minisign_verify::Error::UnexpectedKeyId => SignatureError::WrongKey {
-                bucket: self.bucket.clone(),
-                key: self.key.clone(),
-            },
+            minisign_verify::Error::UnexpectedKeyId => {
+                SignatureError::WrongKey(self.object.clone())
+            }
             minisign_verify::Error::UnsupportedLegacyMode => SignatureError::Unusable {
-                bucket: self.bucket.clone(),
-                key: self.key.clone(),
+                object: self.object.clone(),
                 reason: "it is a legacy (not pre-hashed) signature, which cannot be checked while streaming".into(),
             },
             other => SignatureError::Unusable {
-                bucket: self.bucket.clone(),
-                key: self.key.clone(),
+                object: self.object.clone(),
                 reason: other.to_string().to_lowercase(),
             },
         }
@@ -181,76 +162,58 @@ impl Signed {
 /// artifact is downloaded: a missing signature or one from another key fails here.
 pub async fn fetch(
     s3: &Client,
-    bucket: &str,
-    key: &str,
+    object: &S3Object,
     public_key: &str,
 ) -> Result<Signed, SignatureError> {
     let public_key = parse_public_key(public_key).map_err(SignatureError::BadPublicKey)?;
-    let sig_key = signature_key(key);
+    let sig = object.sibling(signature_key(&object.key));
     let unusable = |reason: String| SignatureError::Unusable {
-        bucket: bucket.into(),
-        key: key.into(),
+        object: object.clone(),
         reason,
     };
-    let resp = match s3.get_object().bucket(bucket).key(&sig_key).send().await {
+    let unavailable = |reason: String| SignatureError::Unavailable {
+        object: object.clone(),
+        reason,
+    };
+    let resp = match s3
+        .get_object()
+        .bucket(&sig.bucket)
+        .key(&sig.key)
+        .send()
+        .await
+    {
         Ok(resp) => resp,
         Err(e) => {
-            let status = e.raw_response().map(|r| r.status().as_u16());
-            return Err(match (&e, status) {
-                (SdkError::ServiceError(s), _) if s.err().is_no_such_key() => {
-                    SignatureError::Missing {
-                        bucket: bucket.into(),
-                        key: key.into(),
-                    }
+            return Err(match s3::classify(&e) {
+                S3Failure::NotFound => SignatureError::Missing(object.clone()),
+                S3Failure::Denied => {
+                    unusable("access was denied; the instance needs s3:GetObject on it".into())
                 }
-                (_, Some(404)) => SignatureError::Missing {
-                    bucket: bucket.into(),
-                    key: key.into(),
-                },
-                (_, Some(403)) => {
-                    unusable("access was denied; the instance needs s3:GetObject on it".to_string())
-                }
-                _ => SignatureError::Unavailable {
-                    bucket: bucket.into(),
-                    key: key.into(),
-                    reason: error_chain(&e),
-                },
+                other => unavailable(other.to_string()),
             });
         }
     };
-    if resp
-        .content_length()
-        .is_some_and(|n| n > MAX_SIGNATURE_BYTES as i64)
-    {
-        return Err(unusable(format!(
-            "it is larger than {MAX_SIGNATURE_BYTES} bytes"
-        )));
-    }
-    let body = resp
-        .body
-        .collect()
+    let body = read_small_body(resp, MAX_SIGNATURE_BYTES)
         .await
-        .map_err(|e| SignatureError::Unavailable {
-            bucket: bucket.into(),
-            key: key.into(),
-            reason: error_chain(&e),
-        })?
-        .into_bytes();
-    let text = std::str::from_utf8(&body)
+        .map_err(|e| match e {
+            SmallBody::TooLarge => {
+                unusable(format!("it is larger than {MAX_SIGNATURE_BYTES} bytes"))
+            }
+            SmallBody::Failed(reason) => unavailable(reason),
+        })?;
+    let text = std::str::from_utf8(&body.bytes)
         .map_err(|_| unusable("it is not text in minisign format".to_string()))?;
     let signature = Signature::decode(text)
         .map_err(|e| unusable(format!("it is not a minisign signature ({e})")))?;
     let signed = Signed {
-        bucket: bucket.into(),
-        key: key.into(),
+        object: object.clone(),
         public_key,
         signature,
     };
     // Key id and mode are checked now, before the artifact is downloaded.
     signed.verifier()?;
     tracing::info!(
-        bucket,
-        key,
+        artifact = %object,
         trusted_comment = signed.trusted_comment(),
         "fetched the artifact's signature"
     );
@@ -366,8 +329,7 @@ mod tests {
         let data = vec![42u8; 300_000];
         let text = key.sign(&data[..], "file:x", "x").unwrap();
         let signed = Signed {
-            bucket: "b".into(),
-            key: "k".into(),
+            object: S3Object::new("b", "k"),
             public_key: parse_public_key(&pk).unwrap(),
             signature: Signature::decode(&text).unwrap(),
         };

@@ -20,8 +20,8 @@ use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
 use crate::deploy::verify::Verified;
-use crate::error::error_chain;
-use crate::error::{ExitCode, exit};
+use crate::error::{ExitCode, error_chain, exit};
+use crate::s3::{self, S3Failure, S3Object};
 
 /// How often a broken body may be resumed before the download gives up.
 const MAX_RESUMES: u32 = 5;
@@ -48,25 +48,14 @@ pub struct Downloaded {
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
     #[error(
-        "s3://{bucket}/{key} changed after it was verified (ETag {etag} no longer matches); nothing from it was used"
+        "{0} changed after it was verified (ETag {etag} no longer matches); nothing from it was used", etag = .0.etag()
     )]
-    Replaced {
-        bucket: String,
-        key: String,
-        etag: String,
-    },
-    #[error("downloading s3://{bucket}/{key} failed: {reason}")]
-    Unavailable {
-        bucket: String,
-        key: String,
-        reason: String,
-    },
-    #[error(
-        "downloading s3://{bucket}/{key} returned {got} bytes where head-object reported {expected}"
-    )]
+    Replaced(S3Object),
+    #[error("downloading {object} failed: {reason}")]
+    Unavailable { object: S3Object, reason: String },
+    #[error("downloading {object} returned {got} bytes where head-object reported {expected}")]
     SizeMismatch {
-        bucket: String,
-        key: String,
+        object: S3Object,
         expected: u64,
         got: u64,
     },
@@ -78,7 +67,7 @@ pub enum FetchError {
 impl ExitCode for FetchError {
     fn exit_code(&self) -> i32 {
         match self {
-            FetchError::Replaced { .. } => exit::TEMPFAIL,
+            FetchError::Replaced(_) => exit::TEMPFAIL,
             FetchError::Unavailable { .. } => exit::UNAVAILABLE,
             FetchError::SizeMismatch { .. } => exit::DATAERR,
             FetchError::ConsumerGone => exit::SOFTWARE,
@@ -106,19 +95,19 @@ pub async fn download_observed(
     observe: &mut (dyn FnMut(&[u8]) + Send),
 ) -> Result<Downloaded, FetchError> {
     let unavailable = |reason: String| FetchError::Unavailable {
-        bucket: v.bucket.clone(),
-        key: v.key.clone(),
+        object: v.object.clone(),
         reason,
     };
     let mut hasher = Sha256::new();
     let mut offset = 0u64;
     let mut resumes = 0u32;
     loop {
-        let mut req = s3.get_object().bucket(&v.bucket).key(&v.key);
-        if !v.etag.is_empty() {
-            req = req.if_match(&v.etag);
+        let object = &v.object;
+        let mut req = s3.get_object().bucket(&object.bucket).key(&object.key);
+        if let Some(etag) = &object.etag {
+            req = req.if_match(etag);
         }
-        if let Some(version) = &v.version_id {
+        if let Some(version) = &object.version_id {
             req = req.version_id(version);
         }
         if offset > 0 {
@@ -127,14 +116,11 @@ pub async fn download_observed(
         let resp = match req.send().await {
             Ok(r) => r,
             Err(e) => {
-                let status = e.raw_response().map(|r| r.status().as_u16());
-                return Err(match status {
-                    Some(412) | Some(404) => FetchError::Replaced {
-                        bucket: v.bucket.clone(),
-                        key: v.key.clone(),
-                        etag: v.etag.clone(),
-                    },
-                    _ => unavailable(error_chain(&e)),
+                return Err(match s3::classify(&e) {
+                    S3Failure::PreconditionFailed | S3Failure::NotFound => {
+                        FetchError::Replaced(object.clone())
+                    }
+                    other => unavailable(other.to_string()),
                 });
             }
         };
@@ -155,8 +141,7 @@ pub async fn download_observed(
                 Some(Ok(mut chunk)) => {
                     if offset + chunk.len() as u64 > v.size {
                         return Err(FetchError::SizeMismatch {
-                            bucket: v.bucket.clone(),
-                            key: v.key.clone(),
+                            object: v.object.clone(),
                             expected: v.size,
                             got: offset + chunk.len() as u64,
                         });
@@ -192,8 +177,7 @@ pub async fn download_observed(
             }
             None => {
                 return Err(FetchError::SizeMismatch {
-                    bucket: v.bucket.clone(),
-                    key: v.key.clone(),
+                    object: v.object.clone(),
                     expected: v.size,
                     got: offset,
                 });
@@ -201,8 +185,8 @@ pub async fn download_observed(
             Some(reason) if resumes < MAX_RESUMES => {
                 resumes += 1;
                 tracing::warn!(
-                    bucket = %v.bucket,
-                    key = %v.key,
+                    bucket = %object.bucket,
+                    key = %object.key,
                     offset,
                     resumes,
                     error = %reason,

@@ -1,42 +1,23 @@
 //! Activate: releases on disk, the `current` symlink, retention and the deployment lock.
 //!
-//! ```text
-//! /var/lib/deployd/
-//!   releases/<id>/                one complete unpacked release each, with .deployd-release.json
-//!   current -> releases/<id>      switched atomically: a temporary symlink renamed over it
-//!   staging/                      work in progress; debris there at startup is removed
-//!   state.json                    see `state`
-//!   lock                          flock(2) held for the length of one deployment
-//! ```
-//!
-//! A release directory appears under `releases/` only by a rename from `staging/` after its
-//! tree and manifest were synced to disk, so `current` can never point at a partial release.
-//! Retention keeps the newest `keep` releases and never removes the serving one or the
-//! previous good one.
+//! The paths are [`crate::contract::host::Paths`]. A release directory appears under
+//! `releases/` only by a rename from `staging/` after its tree and manifest were synced to
+//! disk, so `current` can never point at a partial release. Retention keeps the newest `keep`
+//! releases and never removes the serving one or the previous good one.
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
-
-use crate::contract::host::sync_dir;
-use crate::deploy::unpack::{Compression, Stats};
+use crate::contract::host::{MANIFEST, Manifest, Paths};
 use crate::error::{ExitCode, exit};
-
-/// The manifest's file name inside every release.
-pub const MANIFEST: &str = ".deployd-release.json";
+use crate::files::{FileError, remove_tree, sync_dir};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReleaseError {
-    #[error("cannot {action} {path}: {source}")]
-    Io {
-        action: &'static str,
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    File(#[from] FileError),
     #[error(
         "another deployment is running (it holds {path}); wait for it or check `deployd status`"
     )]
@@ -55,67 +36,19 @@ impl ExitCode for ReleaseError {
             ReleaseError::Busy { .. } => exit::TEMPFAIL,
             ReleaseError::NoSuchRelease { .. } | ReleaseError::NothingToRollBack => exit::USAGE,
             ReleaseError::Incomplete { .. } => exit::DATAERR,
-            ReleaseError::Io { .. } => exit::SOFTWARE,
+            ReleaseError::File(_) => exit::SOFTWARE,
         }
     }
 }
 
 fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> ReleaseError + 'a {
-    move |source| ReleaseError::Io {
-        action,
-        path: path.to_path_buf(),
-        source,
-    }
+    move |source| ReleaseError::File(FileError::on(action, path)(source))
 }
 
-/// `.deployd-release.json`: where a release came from and what it holds.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Manifest {
-    pub id: String,
-    pub app: String,
-    pub bucket: String,
-    pub key: String,
-    pub etag: String,
-    pub version_id: Option<String>,
-    pub sha256: String,
-    pub sha256_verified_against: Option<String>,
-    pub size: u64,
-    pub compression: Compression,
-    pub metadata: std::collections::BTreeMap<String, String>,
-    pub last_modified: Option<String>,
-    pub unpacked: Stats,
-    pub fetched_at: String,
-    pub source: String,
-}
-
-impl Manifest {
-    pub fn commit(&self) -> Option<&str> {
-        self.metadata.get("commit-sha").map(String::as_str)
-    }
-
-    /// This release as `state.json` records a serving one, activated now.
-    pub fn summary(&self) -> crate::contract::host::ReleaseSummary {
-        crate::contract::host::ReleaseSummary {
-            id: self.id.clone(),
-            bucket: self.bucket.clone(),
-            key: self.key.clone(),
-            sha256: self.sha256.clone(),
-            etag: self.etag.clone(),
-            commit: self.commit().map(str::to_string),
-            activated_at: crate::contract::host::now_rfc3339(),
-        }
-    }
-}
-
-/// The paths under the state directory.
+/// The releases on disk and the operations on them.
 #[derive(Debug, Clone)]
 pub struct Layout {
-    pub root: PathBuf,
-    pub releases: PathBuf,
-    pub staging: PathBuf,
-    pub current: PathBuf,
-    pub state_file: PathBuf,
-    pub lock_file: PathBuf,
+    paths: Paths,
 }
 
 /// Held while a deployment (or rollback) runs; released on drop.
@@ -125,20 +58,23 @@ pub struct DeployLock {
 }
 
 impl Layout {
-    pub fn new(state_dir: &Path) -> Layout {
-        Layout {
-            root: state_dir.to_path_buf(),
-            releases: state_dir.join("releases"),
-            staging: state_dir.join("staging"),
-            current: state_dir.join("current"),
-            state_file: state_dir.join("state.json"),
-            lock_file: state_dir.join("lock"),
-        }
+    /// The releases under `paths`.
+    pub fn new(paths: Paths) -> Layout {
+        Layout { paths }
+    }
+
+    /// Where everything is.
+    pub fn paths(&self) -> &Paths {
+        &self.paths
     }
 
     /// Creates the directories if missing.
     pub fn ensure(&self) -> Result<(), ReleaseError> {
-        for dir in [&self.root, &self.releases, &self.staging] {
+        for dir in [
+            &self.paths.state_dir,
+            &self.paths.releases,
+            &self.paths.staging,
+        ] {
             fs::create_dir_all(dir).map_err(io_err("create", dir))?;
         }
         Ok(())
@@ -152,24 +88,24 @@ impl Layout {
             .truncate(false)
             .write(true)
             .mode(0o600)
-            .open(&self.lock_file)
-            .map_err(io_err("open", &self.lock_file))?;
+            .open(&self.paths.lock_file)
+            .map_err(io_err("open", &self.paths.lock_file))?;
         match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
             Ok(lock) => Ok(DeployLock { _lock: lock }),
             Err((_, nix::errno::Errno::EWOULDBLOCK)) => Err(ReleaseError::Busy {
-                path: self.lock_file.clone(),
+                path: self.paths.lock_file.clone(),
             }),
-            Err((_, e)) => Err(io_err("lock", &self.lock_file)(io::Error::from(e))),
+            Err((_, e)) => Err(io_err("lock", &self.paths.lock_file)(io::Error::from(e))),
         }
     }
 
     /// Removes everything under `staging/` (debris of an interrupted deployment).
     pub fn clean_staging(&self) -> Result<usize, ReleaseError> {
         let mut removed = 0;
-        let entries = match fs::read_dir(&self.staging) {
+        let entries = match fs::read_dir(&self.paths.staging) {
             Ok(e) => e,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
-            Err(e) => return Err(io_err("list", &self.staging)(e)),
+            Err(e) => return Err(io_err("list", &self.paths.staging)(e)),
         };
         for entry in entries.flatten() {
             let path = entry.path();
@@ -183,19 +119,21 @@ impl Layout {
     pub fn new_staging(&self) -> Result<Staging, ReleaseError> {
         self.ensure()?;
         let path = self
+            .paths
             .staging
             .join(format!("{}-{}", std::process::id(), fastrand::u64(..)));
         fs::create_dir(&path).map_err(io_err("create", &path))?;
         Ok(Staging { path: Some(path) })
     }
 
+    /// `releases/<id>`.
     pub fn release_dir(&self, id: &str) -> PathBuf {
-        self.releases.join(id)
+        self.paths.release_dir(id)
     }
 
     /// The id of the release `current` points at, if it points at one.
     pub fn current_id(&self) -> Option<String> {
-        let target = fs::read_link(&self.current).ok()?;
+        let target = fs::read_link(&self.paths.current).ok()?;
         let name = target.file_name()?.to_str()?.to_string();
         self.release_dir(&name).is_dir().then_some(name)
     }
@@ -206,7 +144,7 @@ impl Layout {
         if !dir.is_dir() {
             return Err(ReleaseError::NoSuchRelease {
                 id: id.to_string(),
-                dir: self.releases.clone(),
+                dir: self.paths.releases.clone(),
             });
         }
         let bytes = fs::read(dir.join(MANIFEST)).map_err(|e| ReleaseError::Incomplete {
@@ -222,7 +160,7 @@ impl Layout {
     /// Release ids on disk, oldest first: ordered by when they were fetched (manifest), then by
     /// name; a release without a readable manifest counts as oldest.
     pub fn release_ids(&self) -> Result<Vec<String>, ReleaseError> {
-        let names: Vec<String> = match fs::read_dir(&self.releases) {
+        let names: Vec<String> = match fs::read_dir(&self.paths.releases) {
             Ok(entries) => entries
                 .flatten()
                 .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
@@ -230,7 +168,7 @@ impl Layout {
                 .filter(|n| !n.starts_with('.'))
                 .collect(),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
-            Err(e) => return Err(io_err("list", &self.releases)(e)),
+            Err(e) => return Err(io_err("list", &self.paths.releases)(e)),
         };
         let mut dated: Vec<(String, String)> = names
             .into_iter()
@@ -254,7 +192,7 @@ impl Layout {
 
     /// A new release id: `YYYYmmdd-HHMMSS-<short>`, unique under `releases/`.
     pub fn new_release_id(&self, short: &str) -> String {
-        let stamp: String = crate::contract::host::now_rfc3339()
+        let stamp: String = crate::contract::now_rfc3339()
             .chars()
             .filter(char::is_ascii_digit)
             .collect();
@@ -289,13 +227,12 @@ impl Layout {
         let bytes = serde_json::to_vec_pretty(manifest)
             .map_err(|e| io_err("serialise", &manifest_path)(io::Error::other(e)))?;
         fs::write(&manifest_path, bytes).map_err(io_err("write", &manifest_path))?;
-        crate::deploy::unpack::sync_tree(&staged)
-            .map_err(|e| io_err("sync", &staged)(io::Error::other(e.to_string())))?;
+        crate::files::sync_filesystem(&staged).map_err(io_err("sync", &staged))?;
         let dest = self.release_dir(&manifest.id);
-        fs::create_dir_all(&self.releases).map_err(io_err("create", &self.releases))?;
+        fs::create_dir_all(&self.paths.releases).map_err(io_err("create", &self.paths.releases))?;
         fs::rename(&staged, &dest).map_err(io_err("move into place", &dest))?;
         staging.keep();
-        sync_dir(&self.releases).map_err(io_err("sync", &self.releases))?;
+        sync_dir(&self.paths.releases).map_err(io_err("sync", &self.paths.releases))?;
         Ok(dest)
     }
 
@@ -304,17 +241,30 @@ impl Layout {
         if !self.release_dir(id).is_dir() {
             return Err(ReleaseError::NoSuchRelease {
                 id: id.to_string(),
-                dir: self.releases.clone(),
+                dir: self.paths.releases.clone(),
             });
         }
         let tmp = self
-            .root
+            .paths
+            .state_dir
             .join(format!(".current.{}.tmp", std::process::id()));
         let _ = fs::remove_file(&tmp);
         std::os::unix::fs::symlink(Path::new("releases").join(id), &tmp)
             .map_err(io_err("create symlink", &tmp))?;
-        fs::rename(&tmp, &self.current).map_err(io_err("switch", &self.current))?;
-        sync_dir(&self.root).map_err(io_err("sync", &self.root))
+        fs::rename(&tmp, &self.paths.current).map_err(io_err("switch", &self.paths.current))?;
+        sync_dir(&self.paths.state_dir).map_err(io_err("sync", &self.paths.state_dir))
+    }
+
+    /// Removes `current` (nothing serves); durable.
+    pub fn remove_current(&self) -> Result<(), ReleaseError> {
+        let current = &self.paths.current;
+        match fs::remove_file(current) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                return Err(io_err("remove", current)(e));
+            }
+            _ => {}
+        }
+        sync_dir(&self.paths.state_dir).map_err(io_err("sync", &self.paths.state_dir))
     }
 
     /// Removes old releases beyond the newest `keep`, never one listed in `protect`.
@@ -331,17 +281,6 @@ impl Layout {
         }
         Ok(removed)
     }
-}
-
-/// Removes a directory tree (or a file) if it exists.
-pub fn remove_tree(path: &Path) -> Result<(), ReleaseError> {
-    let result = match fs::symlink_metadata(path) {
-        Ok(m) if m.is_dir() => fs::remove_dir_all(path),
-        Ok(_) => fs::remove_file(path),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e),
-    };
-    result.map_err(io_err("remove", path))
 }
 
 /// A staging directory that removes itself unless it was installed.

@@ -27,8 +27,11 @@ use std::fmt;
 
 use crate::config::Config;
 use crate::config::envfile::EnvFile;
+use crate::contract::keys::is_sha256_hex;
 use crate::error::{ExitCode, exit};
-use crate::instance::imds::{Imds, ImdsError};
+use crate::instance::Instance;
+use crate::instance::imds::ImdsError;
+use crate::s3::S3Object;
 
 /// Which source named the artifact.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -67,16 +70,28 @@ impl fmt::Display for Origin {
 /// An artifact location, with the checksum that came with it, if any.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Artifact {
-    pub bucket: String,
-    pub key: String,
+    /// Where it is.
+    pub object: S3Object,
+    /// Which source named it.
     pub origin: Origin,
-    /// Lower-case hex SHA-256 from `DEPLOYMENT_SHA256`.
+    /// Lower-case hex SHA-256 from `DEPLOYMENT_SHA256` or a release pointer.
     pub expected_sha256: Option<String>,
+}
+
+impl Artifact {
+    /// An artifact named by `origin`, with no expected digest.
+    pub fn new(object: S3Object, origin: Origin) -> Artifact {
+        Artifact {
+            object,
+            origin,
+            expected_sha256: None,
+        }
+    }
 }
 
 impl fmt::Display for Artifact {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "s3://{}/{}", self.bucket, self.key)
+        self.object.fmt(f)
     }
 }
 
@@ -111,31 +126,25 @@ pub enum SourceError {
     ShaWithPointer { env_file: String },
     #[error("DEPLOYMENT_SHA256 {0:?} is not a SHA-256 hex digest (64 hex characters)")]
     BadSha(String),
-    #[error("{0:?} is not an s3://bucket/key URL")]
-    BadUrl(String),
+    #[error("a key needs a bucket: pass --bucket, or set DEPLOYMENT_BUCKET or [source] bucket")]
+    NoBucket,
 }
 
 impl ExitCode for SourceError {
     fn exit_code(&self) -> i32 {
         match self {
-            SourceError::BadUrl(_) => exit::USAGE,
+            SourceError::NoBucket => exit::USAGE,
             _ => exit::CONFIG,
         }
     }
 }
 
-/// Parses `s3://bucket/key`.
-pub fn parse_s3_url(url: &str) -> Result<(String, String), SourceError> {
-    url.strip_prefix("s3://")
-        .and_then(|rest| rest.split_once('/'))
-        .filter(|(b, k)| !b.is_empty() && !k.is_empty())
-        .map(|(b, k)| (b.to_string(), k.to_string()))
-        .ok_or_else(|| SourceError::BadUrl(url.to_string()))
-}
-
-/// True for a lower- or upper-case 64-character hex string.
-pub fn is_sha256_hex(s: &str) -> bool {
-    s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit())
+/// The bucket an explicit key without a bucket (`deployd trigger --key K`) is looked up in:
+/// `DEPLOYMENT_BUCKET`, else `[source] bucket`.
+pub fn default_bucket(cfg: &Config, env: &EnvFile) -> Result<String, SourceError> {
+    lookup(env, "DEPLOYMENT_BUCKET")
+        .or_else(|| (!cfg.source.bucket.is_empty()).then(|| cfg.source.bucket.clone()))
+        .ok_or(SourceError::NoBucket)
 }
 
 /// Looks a variable up in the environment file, then the process environment.
@@ -149,16 +158,11 @@ fn lookup(env: &EnvFile, name: &str) -> Option<String> {
 pub async fn resolve(
     cfg: &Config,
     env: &EnvFile,
-    request: Option<(String, String)>,
-    imds: &Imds,
+    request: Option<S3Object>,
+    instance: &Instance,
 ) -> Result<Artifact, SourceError> {
-    if let Some((bucket, key)) = request {
-        return Ok(Artifact {
-            bucket,
-            key,
-            origin: Origin::Request,
-            expected_sha256: None,
-        });
+    if let Some(object) = request {
+        return Ok(Artifact::new(object, Origin::Request));
     }
     let env_file = env.path.display().to_string();
     let pointer = lookup(env, "DEPLOYMENT_POINTER");
@@ -178,12 +182,10 @@ pub async fn resolve(
             if lookup(env, "DEPLOYMENT_SHA256").is_some() {
                 return Err(SourceError::ShaWithPointer { env_file });
             }
-            return Ok(Artifact {
-                bucket,
-                key,
-                origin: Origin::EnvironmentPointer,
-                expected_sha256: None,
-            });
+            return Ok(Artifact::new(
+                S3Object::new(bucket, key),
+                Origin::EnvironmentPointer,
+            ));
         }
         (None, None, Some(_)) => {
             return Err(SourceError::HalfSet {
@@ -199,8 +201,7 @@ pub async fn resolve(
                 None => None,
             };
             return Ok(Artifact {
-                bucket,
-                key,
+                object: S3Object::new(bucket, key),
                 origin: Origin::Environment,
                 expected_sha256,
             });
@@ -232,29 +233,20 @@ pub async fn resolve(
                 place: "the config file".into(),
             });
         }
-        return Ok(Artifact {
-            bucket: cfg.source.bucket.clone(),
-            key: key.to_string(),
-            origin: Origin::ConfigPointer,
-            expected_sha256: None,
-        });
+        return Ok(Artifact::new(
+            S3Object::new(cfg.source.bucket.clone(), key.to_string()),
+            Origin::ConfigPointer,
+        ));
     }
     if !cfg.source.bucket.is_empty() {
-        return Ok(Artifact {
-            bucket: cfg.source.bucket.clone(),
-            key: cfg.source.key.clone(),
-            origin: Origin::Config,
-            expected_sha256: None,
-        });
+        return Ok(Artifact::new(
+            S3Object::new(cfg.source.bucket.clone(), cfg.source.key.clone()),
+            Origin::Config,
+        ));
     }
-    let bucket = fill("legacy_bucket", &cfg.source.legacy_bucket, env, imds).await?;
-    let key = fill("legacy_key", &cfg.source.legacy_key, env, imds).await?;
-    Ok(Artifact {
-        bucket,
-        key,
-        origin: Origin::Legacy,
-        expected_sha256: None,
-    })
+    let bucket = fill("legacy_bucket", &cfg.source.legacy_bucket, env, instance).await?;
+    let key = fill("legacy_key", &cfg.source.legacy_key, env, instance).await?;
+    Ok(Artifact::new(S3Object::new(bucket, key), Origin::Legacy))
 }
 
 /// Fills `{name}` placeholders in a legacy template.
@@ -262,7 +254,7 @@ pub async fn fill(
     field: &'static str,
     template: &str,
     env: &EnvFile,
-    imds: &Imds,
+    instance: &Instance,
 ) -> Result<String, SourceError> {
     let err = |placeholder: &str, reason: String| SourceError::Placeholder {
         field,
@@ -290,7 +282,7 @@ pub async fn fill(
             Some(v) => v.to_string(),
             None => match name {
                 "account_id" | "region" | "instance_id" | "availability_zone" => {
-                    let id = imds.identity().await.map_err(|e| {
+                    let id = instance.identity().await.map_err(|e| {
                         let hint = match e {
                             ImdsError::Disabled => String::new(),
                             _ => " (not on EC2?)".into(),
@@ -309,7 +301,7 @@ pub async fn fill(
                 }
                 _ if name.starts_with("tag:") => {
                     let tag = &name["tag:".len()..];
-                    imds.tag(tag).await.map_err(|e| {
+                    instance.tag(tag).await.map_err(|e| {
                         err(name, format!("{e} (EC2 instance tags, ec2:DescribeTags)"))
                     })?
                 }
@@ -339,7 +331,7 @@ mod tests {
 
     #[tokio::test]
     async fn placeholders_fill_from_the_environment_file() {
-        let imds = Imds::new();
+        let imds = Instance::new(&Default::default());
         let e = env("PR_NUMBER=51\nACCOUNT_ID=123456789012\n");
         let key = fill(
             "legacy_key",
@@ -358,7 +350,7 @@ mod tests {
 
     #[tokio::test]
     async fn unfillable_placeholder_names_the_variable() {
-        let imds = Imds::new();
+        let imds = Instance::new(&Default::default());
         let err = fill("legacy_key", "app/pr-{pr_number}/x", &env(""), &imds)
             .await
             .unwrap_err();
@@ -368,15 +360,5 @@ mod tests {
             "{msg}"
         );
         assert_eq!(err.exit_code(), 78);
-    }
-
-    #[test]
-    fn s3_urls() {
-        assert_eq!(
-            parse_s3_url("s3://b/k/x.tar.gz").unwrap(),
-            ("b".to_string(), "k/x.tar.gz".to_string())
-        );
-        assert!(parse_s3_url("s3://b").is_err());
-        assert!(parse_s3_url("https://b/k").is_err());
     }
 }

@@ -24,13 +24,14 @@
 
 use std::collections::HashSet;
 use std::ffi::OsStr;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, OpenOptions};
 use std::io::{self, BufReader, Cursor, Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
+pub use crate::contract::host::{Compression, Stats};
 use crate::error::{ExitCode, exit};
 
 /// Size limits on one archive.
@@ -39,27 +40,6 @@ pub struct Limits {
     pub max_entries: u64,
     pub max_bytes: u64,
     pub max_path_len: usize,
-}
-
-/// How the archive was compressed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Compression {
-    Gzip,
-    Zstd,
-    None,
-}
-
-/// What was unpacked.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Stats {
-    pub entries: u64,
-    pub files: u64,
-    pub dirs: u64,
-    pub symlinks: u64,
-    pub hardlinks: u64,
-    /// Bytes of file content written.
-    pub bytes: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -476,17 +456,6 @@ fn extract<R: Read>(decoded: R, dest: &Path, limits: &Limits) -> Result<Stats, U
         reason: format!("after the last entry: {e}"),
     })?;
     Ok(stats)
-}
-
-/// Flushes everything written under `dir` to stable storage with one `syncfs(2)`, which is far
-/// cheaper than an `fsync` per file for trees of thousands of files.
-pub fn sync_tree(dir: &Path) -> Result<(), UnpackError> {
-    let f = File::open(dir).map_err(io_err("open", dir))?;
-    nix::unistd::syncfs(&f).map_err(|e| UnpackError::Io {
-        action: "sync",
-        path: dir.to_path_buf(),
-        source: io::Error::from(e),
-    })
 }
 
 #[cfg(test)]

@@ -6,9 +6,6 @@
 //! identity document is fetched at most once per process and only when something needs it
 //! (a legacy template placeholder), so a laptop or a Lightsail instance without IMDS pays
 //! nothing until then, and then gets one clear sentence.
-//!
-//! The same handle carries this instance's EC2 tags ([`crate::instance::tags`]), which need the
-//! identity (instance id, region) and fill `{tag:NAME}` placeholders in legacy templates.
 
 use std::time::Duration;
 
@@ -16,14 +13,17 @@ use serde::Deserialize;
 use tokio::sync::OnceCell;
 
 use crate::error::error_chain;
-use crate::instance::tags::Ec2Tags;
 
+/// Why the instance identity is not available.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ImdsError {
+    /// `AWS_EC2_METADATA_DISABLED=true`.
     #[error("the instance metadata service is disabled (AWS_EC2_METADATA_DISABLED=true)")]
     Disabled,
+    /// No answer (not on EC2, or IMDS turned off for the instance).
     #[error("the instance metadata service (IMDSv2) did not answer: {0}")]
     Unreachable(String),
+    /// An answer that is not an identity document.
     #[error("the instance identity document from IMDS could not be read: {0}")]
     BadDocument(String),
 }
@@ -32,9 +32,13 @@ pub enum ImdsError {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Identity {
+    /// The AWS account.
     pub account_id: String,
+    /// The region, e.g. `eu-west-1`.
     pub region: String,
+    /// `i-…`.
     pub instance_id: String,
+    /// e.g. `eu-west-1a`.
     pub availability_zone: String,
 }
 
@@ -42,7 +46,6 @@ pub struct Identity {
 #[derive(Debug, Default)]
 pub struct Imds {
     identity: OnceCell<Result<Identity, ImdsError>>,
-    tags: Option<Ec2Tags>,
 }
 
 fn disabled() -> bool {
@@ -52,29 +55,9 @@ fn disabled() -> bool {
 }
 
 impl Imds {
+    /// A handle that has asked nothing yet.
     pub fn new() -> Self {
         Self::default()
-    }
-
-    /// An IMDS handle that can also read and write this instance's EC2 tags.
-    pub fn with_tags(tags: Ec2Tags) -> Self {
-        Imds {
-            identity: OnceCell::new(),
-            tags: Some(tags),
-        }
-    }
-
-    /// This instance's EC2 tags, when this handle was built with them.
-    pub fn tags(&self) -> Option<&Ec2Tags> {
-        self.tags.as_ref()
-    }
-
-    /// The value of instance tag `name` (read once per deployment with `DescribeTags`).
-    pub async fn tag(&self, name: &str) -> Result<String, String> {
-        match &self.tags {
-            Some(tags) => tags.tag(self, name).await,
-            None => Err("instance tags are not available to this command".into()),
-        }
     }
 
     /// The instance identity document (account, region, instance id, zone).

@@ -39,7 +39,7 @@ use aws_sdk_ec2::types::{Filter, Tag};
 use tokio::sync::OnceCell;
 
 use crate::config::ReportConfig;
-use crate::contract::host::now_rfc3339;
+use crate::contract::now_rfc3339;
 use crate::error::error_chain;
 use crate::instance::imds::{Imds, ImdsError};
 
@@ -51,31 +51,6 @@ const ERROR_CHARS: usize = 255;
 
 /// The tag names deployd writes, after the prefix.
 pub const TAG_NAMES: [&str; 5] = ["status", "release", "commit", "updated", "error"];
-
-/// Checks `[report] tag_prefix`: the prefix plus the longest tag name must be a valid EC2 tag
-/// key, including on instances that expose tags in instance metadata (no spaces, no `/`).
-pub fn check_prefix(prefix: &str) -> Result<(), String> {
-    if prefix.is_empty() {
-        return Err("must not be empty (deployd would overwrite tags such as `status`)".into());
-    }
-    if prefix.to_ascii_lowercase().starts_with("aws:") {
-        return Err(format!("{prefix:?} starts with `aws:`, which AWS reserves"));
-    }
-    if prefix.chars().count() + "updated".len() > 128 {
-        return Err(format!(
-            "{prefix:?} is too long: tag keys are at most 128 characters"
-        ));
-    }
-    if let Some(c) = prefix
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || "+-=.,_:@".contains(*c)))
-    {
-        return Err(format!(
-            "{prefix:?} contains {c:?}: use letters, digits and + - = . , _ : @"
-        ));
-    }
-    Ok(())
-}
 
 /// What `deployd:status` says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -598,22 +573,6 @@ mod tests {
             "checksum mismatch for s3://bucket/web/prod/622d2103-20250101-120000/web.tar.gz: expected SHA-256 {digest}"
         );
         assert_eq!(sanitize_error(&msg), msg);
-    }
-
-    #[test]
-    fn prefixes_are_checked() {
-        assert!(check_prefix("deployd:").is_ok());
-        assert!(check_prefix("acme.deployd-").is_ok());
-        for bad in [
-            "",
-            "aws:deployd:",
-            "AWS:x",
-            "with space",
-            "a/b",
-            &"x".repeat(125),
-        ] {
-            assert!(check_prefix(bad).is_err(), "{bad:?} accepted");
-        }
     }
 
     #[test]

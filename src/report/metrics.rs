@@ -26,14 +26,15 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
-use crate::contract::host::{Attempt, Outcome, ReleaseSummary, StateError, write_atomic};
+use crate::contract::state::{Attempt, Outcome, ReleaseSummary, StateError};
+use crate::files::write_atomic;
 
-/// Every result label, always written, so that rates work from the first sample.
-const RESULTS: [(Outcome, &str); 4] = [
-    (Outcome::Deployed, "deployed"),
-    (Outcome::Unchanged, "unchanged"),
-    (Outcome::Failed, "failed"),
-    (Outcome::RolledBack, "rolled-back"),
+/// Every result, always written, so that rates work from the first sample.
+const RESULTS: [Outcome; 4] = [
+    Outcome::Deployed,
+    Outcome::Unchanged,
+    Outcome::Failed,
+    Outcome::RolledBack,
 ];
 
 /// What the metrics remember between deployments (`<state_dir>/metrics.json`).
@@ -59,7 +60,7 @@ pub struct Counters {
 pub struct Report<'a> {
     pub attempt: Option<&'a Attempt>,
     /// Stage timings of a deployment; `None` for a rollback, which keeps the last ones.
-    pub stages: Option<Vec<(String, Duration)>>,
+    pub stages: Option<Vec<(crate::contract::state::Stage, Duration)>>,
     pub serving: Option<&'a ReleaseSummary>,
     pub artifact_bytes: Option<u64>,
     pub build_cache: Option<(u64, u64)>,
@@ -78,10 +79,11 @@ fn unix_seconds(t: SystemTime) -> f64 {
 }
 
 impl Metrics {
+    /// The metrics file `[report] metrics_file`, with its counters in the state directory.
     pub fn new(cfg: &Config) -> Metrics {
         Metrics {
             file: cfg.report.metrics_file.clone(),
-            counters: cfg.state_dir.join("metrics.json"),
+            counters: cfg.paths().metrics_counters,
         }
     }
 
@@ -103,11 +105,10 @@ impl Metrics {
     fn try_record(&self, file: &Path, report: &Report<'_>) -> Result<(), StateError> {
         let mut counters = load_counters(&self.counters);
         if let Some(a) = report.attempt {
-            let label = RESULTS
-                .iter()
-                .find(|(o, _)| *o == a.outcome)
-                .map_or("failed", |(_, l)| l);
-            *counters.deployments.entry(label.to_string()).or_default() += 1;
+            *counters
+                .deployments
+                .entry(a.outcome.as_str().to_string())
+                .or_default() += 1;
             if matches!(a.outcome, Outcome::Deployed | Outcome::Unchanged) {
                 let at = humantime::parse_rfc3339(&a.finished_at).unwrap_or(SystemTime::now());
                 counters.last_success = Some(unix_seconds(at));
@@ -116,7 +117,7 @@ impl Metrics {
         if let Some(stages) = &report.stages {
             counters.stages = stages
                 .iter()
-                .map(|(s, d)| (s.clone(), d.as_secs_f64()))
+                .map(|(s, d)| (s.as_str().to_string(), d.as_secs_f64()))
                 .collect();
             let (hits, misses) = report.build_cache.unwrap_or((0, 0));
             counters.build_cache_hits = hits;
@@ -184,10 +185,11 @@ pub fn render(
         "Deployment attempts by result.",
         RESULTS
             .iter()
-            .map(|(_, l)| {
+            .map(|o| {
+                let l = o.as_str();
                 (
                     format!("{{result=\"{l}\"}}"),
-                    c.deployments.get(*l).copied().unwrap_or(0).to_string(),
+                    c.deployments.get(l).copied().unwrap_or(0).to_string(),
                 )
             })
             .collect(),
@@ -267,10 +269,8 @@ mod tests {
         c.stages = vec![("fetching".into(), 1.25), ("we\"ird\\".into(), 0.0)];
         let r = ReleaseSummary {
             id: "20250101-120000-622d2103".into(),
-            bucket: "b".into(),
-            key: "k".into(),
+            artifact: crate::s3::S3Object::new("b", "k"),
             sha256: "s".into(),
-            etag: "e".into(),
             commit: Some("622d2103".into()),
             activated_at: "t".into(),
         };

@@ -1,4 +1,48 @@
-//! report
+//! Report: what the agent is doing and how each attempt ended, for people and machines.
+//!
+//! - [`status`]: the live [`Reporter`] — `status.json`, systemd's `STATUS=` (through a sink the
+//!   daemon installs) and a progress line on a terminal; it also times the stages;
+//! - [`metrics`]: the node_exporter textfile and its counters;
+//! - [`outward`]: the end of an attempt, told to the metrics file and the instance's EC2 tags.
+
 pub mod metrics;
 pub mod status;
+
 pub use status::{Reporter, StatusSink};
+
+use crate::contract::state::{Attempt, Outcome, ReleaseSummary};
+use crate::instance::Instance;
+use crate::instance::tags::{TagStatus, Update};
+
+/// Reports how an attempt ended to the metrics file and the EC2 instance tags. `deployment`
+/// is false for a rollback, which keeps the last deployment's stage timings and cache figures.
+pub async fn outward(
+    metrics: &metrics::Metrics,
+    instance: &Instance,
+    reporter: &Reporter,
+    attempt: &Attempt,
+    serving: Option<&ReleaseSummary>,
+    artifact_bytes: Option<u64>,
+    deployment: bool,
+) {
+    metrics.record(&metrics::Report {
+        attempt: Some(attempt),
+        stages: deployment.then(|| reporter.stage_durations()),
+        serving,
+        artifact_bytes,
+        build_cache: deployment.then(|| reporter.build_cache()).flatten(),
+    });
+    let status = match attempt.outcome {
+        Outcome::Deployed | Outcome::Unchanged => TagStatus::Serving,
+        Outcome::Failed => TagStatus::Failed,
+        Outcome::RolledBack => TagStatus::RolledBack,
+    };
+    instance
+        .write_tags(&Update {
+            status,
+            release: Some(serving.map(|r| r.id.clone()).unwrap_or_default()),
+            commit: Some(serving.and_then(|r| r.commit.clone()).unwrap_or_default()),
+            error: Some(attempt.error.clone().unwrap_or_default()),
+        })
+        .await;
+}

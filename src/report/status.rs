@@ -13,15 +13,18 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::contract::host::{Attempt, ReleaseSummary, Status, now_rfc3339};
+use crate::contract::now_rfc3339;
+use crate::contract::state::{Attempt, ReleaseSummary, Stage, Status};
+use crate::s3::S3Object;
 
 /// Receives one-line status texts (for systemd's `STATUS=`).
 pub type StatusSink = Box<dyn Fn(&str) + Send + Sync>;
 
 const PROGRESS_EVERY: Duration = Duration::from_millis(250);
 
+/// The live status of this process's deployments; see the module documentation.
 pub struct Reporter {
-    runtime_dir: PathBuf,
+    status_file: PathBuf,
     status: Mutex<Status>,
     terminal: bool,
     sink: Option<StatusSink>,
@@ -33,7 +36,7 @@ pub struct Reporter {
 }
 
 /// Stage names with the instant each began, and the instant the deployment finished.
-type StageTimes = (Vec<(String, Instant)>, Option<Instant>);
+type StageTimes = (Vec<(Stage, Instant)>, Option<Instant>);
 
 #[derive(Default)]
 struct ProgressState {
@@ -47,13 +50,13 @@ fn human(bytes: u64) -> String {
 }
 
 impl Reporter {
-    /// `terminal`: draw a progress line when stderr is a terminal.
-    pub fn new(runtime_dir: PathBuf, terminal: bool, sink: Option<StatusSink>) -> Reporter {
+    /// Writes `status_file`; `terminal`: draw a progress line when stderr is a terminal.
+    pub fn new(status_file: PathBuf, terminal: bool, sink: Option<StatusSink>) -> Reporter {
         Reporter {
-            runtime_dir,
+            status_file,
             status: Mutex::new(Status {
                 pid: std::process::id(),
-                stage: "idle".into(),
+                stage: Stage::Idle,
                 updated_at: now_rfc3339(),
                 ..Status::default()
             }),
@@ -73,17 +76,17 @@ impl Reporter {
 
     /// Seconds spent in each stage by the current (or last) deployment, summed per stage, in
     /// the order the stages first ran.
-    pub fn stage_durations(&self) -> Vec<(String, Duration)> {
+    pub fn stage_durations(&self) -> Vec<(Stage, Duration)> {
         let t = self.timings.lock().unwrap_or_else(|p| p.into_inner());
         let (stages, end) = &*t;
         let end = end.unwrap_or_else(Instant::now);
-        let mut out: Vec<(String, Duration)> = Vec::new();
+        let mut out: Vec<(Stage, Duration)> = Vec::new();
         for (i, (name, began)) in stages.iter().enumerate() {
             let until = stages.get(i + 1).map_or(end, |(_, next)| *next);
             let spent = until.saturating_duration_since(*began);
             match out.iter_mut().find(|(n, _)| n == name) {
                 Some((_, d)) => *d += spent,
-                None => out.push((name.clone(), spent)),
+                None => out.push((*name, spent)),
             }
         }
         out
@@ -93,7 +96,7 @@ impl Reporter {
         let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
         f(&mut status);
         status.updated_at = now_rfc3339();
-        status.write(&self.runtime_dir);
+        status.write(&self.status_file);
         status.clone()
     }
 
@@ -118,34 +121,32 @@ impl Reporter {
     }
 
     /// The deployment entered `stage`.
-    pub fn stage(&self, stage: &str, detail: Option<String>) {
+    pub fn stage(&self, stage: Stage, detail: Option<String>) {
         self.end_progress_line();
         self.timings
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .0
-            .push((stage.to_string(), Instant::now()));
+            .push((stage, Instant::now()));
+        let name = stage.as_str();
         match &detail {
-            Some(d) => tracing::info!(stage, detail = %d, "{stage} {d}"),
-            None => tracing::info!(stage, "{stage}"),
+            Some(d) => tracing::info!(stage = name, detail = %d, "{name} {d}"),
+            None => tracing::info!(stage = name, "{name}"),
         }
         let text = match &detail {
-            Some(d) => format!("{stage} {d}"),
-            None => stage.to_string(),
+            Some(d) => format!("{name} {d}"),
+            None => name.to_string(),
         };
         self.update(|s| {
-            s.stage = stage.to_string();
+            s.stage = stage;
             s.detail = detail;
         });
         self.say(&text);
     }
 
     /// The artifact named by the deployment.
-    pub fn artifact(&self, bucket: &str, key: &str) {
-        self.update(|s| {
-            s.bucket = Some(bucket.to_string());
-            s.key = Some(key.to_string());
-        });
+    pub fn artifact(&self, object: &S3Object) {
+        self.update(|s| s.artifact = Some(object.clone()));
     }
 
     /// Download progress; throttled.
@@ -175,10 +176,7 @@ impl Reporter {
                 s.bytes_done = Some(done);
                 s.bytes_total = Some(total);
             });
-            let url = match (s.bucket, s.key) {
-                (Some(b), Some(k)) => format!("s3://{b}/{k}"),
-                _ => String::new(),
-            };
+            let url = s.artifact.map(|o| o.to_string()).unwrap_or_default();
             (
                 url,
                 format!(
@@ -205,7 +203,6 @@ impl Reporter {
         }
     }
 
-    /// Cache hits of the last build, for status and metrics.
     /// The image builds of this deployment: `steps` cacheable steps, `cache_hits` of them from
     /// cache.
     pub fn build_report(&self, cache_hits: u64, steps: u64) {
@@ -233,7 +230,7 @@ impl Reporter {
         };
         self.update(|s| {
             s.deploying = false;
-            s.stage = "idle".into();
+            s.stage = Stage::Idle;
             s.detail = None;
             s.serving = serving;
             s.last_attempt = Some(attempt.clone());
@@ -250,4 +247,77 @@ impl Reporter {
             }
         });
     }
+}
+
+/// What `deployd status` reads: the live status when a running daemon writes one, and the
+/// durable state.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Snapshot {
+    /// `status.json`, when the process that wrote it is alive.
+    pub live: Option<Status>,
+    /// `state.json`.
+    pub state: crate::contract::state::State,
+}
+
+/// `deployd status --wait` gave up.
+#[derive(Debug, thiserror::Error)]
+pub enum WaitError {
+    /// The deployment did not end in time.
+    #[error("timed out waiting for the deployment to finish")]
+    Timeout,
+    /// `state.json` is unreadable.
+    #[error(transparent)]
+    State(#[from] crate::contract::state::StateError),
+}
+
+impl crate::error::ExitCode for WaitError {
+    fn exit_code(&self) -> i32 {
+        match self {
+            WaitError::Timeout => crate::error::exit::TEMPFAIL,
+            WaitError::State(e) => e.exit_code(),
+        }
+    }
+}
+
+impl Snapshot {
+    /// Reads both files now.
+    pub fn read(
+        paths: &crate::contract::host::Paths,
+    ) -> Result<Snapshot, crate::contract::state::StateError> {
+        Ok(Snapshot {
+            live: Status::load(&paths.status_file).filter(|s| pid_alive(s.pid)),
+            state: crate::contract::state::State::load(&paths.state_file)?,
+        })
+    }
+
+    /// Waits (polling every 250 ms) until no deployment runs and at least one was attempted.
+    pub async fn wait_settled(
+        paths: &crate::contract::host::Paths,
+        timeout: Duration,
+    ) -> Result<Snapshot, WaitError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let snap = Snapshot::read(paths)?;
+            let deploying = snap.live.as_ref().is_some_and(|s| s.deploying);
+            if !deploying && (snap.live.is_some() || snap.state.last_attempt.is_some()) {
+                return Ok(snap);
+            }
+            if Instant::now() >= deadline {
+                return Err(WaitError::Timeout);
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// The last attempt: the live one, else the recorded one.
+    pub fn last_attempt(&self) -> Option<&Attempt> {
+        self.live
+            .as_ref()
+            .and_then(|s| s.last_attempt.as_ref())
+            .or(self.state.last_attempt.as_ref())
+    }
+}
+
+fn pid_alive(pid: u32) -> bool {
+    pid != 0 && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_ok()
 }

@@ -150,6 +150,14 @@ fn is_false(value: &bool) -> bool {
 }
 
 impl Trigger {
+    /// The artifact this trigger names, if it names one.
+    pub fn target(&self) -> Option<crate::s3::S3Object> {
+        self.bucket
+            .as_ref()
+            .zip(self.key.as_ref())
+            .map(|(b, k)| crate::s3::S3Object::new(b.clone(), k.clone()))
+    }
+
     /// A trigger with no artifact override and no flags.
     pub fn new(origin: TriggerOrigin) -> Self {
         Self {

@@ -1,0 +1,327 @@
+//! One function per command: load what it needs, call the module that does the work, print.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytesize::ByteSize;
+
+use super::{Cli, Command, Failure};
+use crate::agent::triggers::{self, Trigger, TriggerOrigin};
+use crate::agent::{self, Agent};
+use crate::ci::gc::{self, GcRequest};
+use crate::ci::publish::{self, CiDefaults, PublishRequest};
+use crate::config::Config;
+use crate::config::envfile::EnvFile;
+use crate::contract::signature;
+use crate::contract::state::Outcome;
+use crate::deploy::source::{self, Artifact, Origin};
+use crate::deploy::verify;
+use crate::deploy::{Deployer, Done, Request};
+use crate::error::exit;
+use crate::instance::Instance;
+use crate::report::Reporter;
+use crate::report::status::Snapshot;
+use crate::s3::S3Object;
+
+async fn deployer(cfg: Config, terminal: bool) -> Result<Deployer, Failure> {
+    let s3 = crate::s3::client(&cfg.s3).await?;
+    let reporter = Arc::new(Reporter::new(cfg.paths().status_file, terminal, None));
+    Ok(Deployer::new(cfg, s3, reporter))
+}
+
+/// Runs the parsed command; returns the exit code.
+pub(super) async fn dispatch(cli: Cli) -> Result<i32, Failure> {
+    let cfg = Config::load(cli.config.as_deref())?;
+    match cli.command {
+        Command::Run => {
+            let agent = Agent::new(cli.config.clone(), cfg).await?;
+            agent.run(agent::shutdown_signal()?).await?;
+            Ok(exit::OK)
+        }
+        Command::Trigger {
+            bucket,
+            key,
+            force_rebuild,
+            clear_cache,
+            reason,
+        } => {
+            let bucket = match (bucket, &key) {
+                (Some(b), _) => Some(b),
+                (None, Some(_)) => {
+                    let env = EnvFile::load(&cfg.environment_file)?;
+                    Some(source::default_bucket(&cfg, &env)?)
+                }
+                (None, None) => None,
+            };
+            let trigger = Trigger {
+                bucket,
+                key,
+                force_rebuild,
+                clear_cache,
+                reason,
+                origin: TriggerOrigin::File(PathBuf::new()),
+            };
+            let path = triggers::write_trigger(&cfg.paths().triggers, &trigger)?;
+            println!("queued a redeploy: {}", path.display());
+            Ok(exit::OK)
+        }
+        Command::Deploy {
+            bucket,
+            key,
+            force,
+            force_rebuild,
+            no_containers,
+        } => {
+            let mut cfg = cfg;
+            if no_containers {
+                cfg.containers.enabled = false;
+            }
+            let d = deployer(cfg, true).await?;
+            let req = Request {
+                target: bucket.zip(key).map(|(b, k)| S3Object::new(b, k)),
+                force,
+                force_rebuild,
+                clear_cache: false,
+                trigger: "command line".into(),
+            };
+            match d.deploy(&req).await? {
+                Done::Deployed { release } => println!("deployed release {release}"),
+                Done::Unchanged { release } => {
+                    println!("release {release} is already serving this artifact; nothing changed")
+                }
+            }
+            Ok(exit::OK)
+        }
+        Command::Verify { url, wait } => {
+            let object = S3Object::parse_url(&url)?;
+            let s3 = crate::s3::client(&cfg.s3).await?;
+            let mut scfg = cfg.source.clone();
+            scfg.wait_for_artifact = wait;
+            let v = verify::verify(&s3, &Artifact::new(object, Origin::Request), &scfg).await?;
+            let or_dash = |o: Option<&str>| o.unwrap_or("-").to_string();
+            println!("artifact       {}", v.object);
+            println!(
+                "size           {} ({})",
+                v.size,
+                ByteSize(v.size).display().iec()
+            );
+            println!("last modified  {}", or_dash(v.last_modified.as_deref()));
+            println!("etag           {}", v.object.etag());
+            println!("version id     {}", or_dash(v.object.version_id.as_deref()));
+            println!(
+                "sha256         {} ({})",
+                or_dash(v.expected_sha256.as_deref()),
+                v.sha256_source.as_deref().unwrap_or("no expected checksum")
+            );
+            for (k, val) in &v.metadata {
+                println!("metadata       {k}: {val}");
+            }
+            Ok(exit::OK)
+        }
+        Command::Status {
+            json,
+            wait,
+            timeout,
+        } => status(&cfg, json, wait.then_some(timeout.0)).await,
+        Command::Rollback { release } => {
+            let d = deployer(cfg, false).await?;
+            let id = d.rollback(release.as_deref()).await?;
+            println!("current release is now {id}");
+            Ok(exit::OK)
+        }
+        Command::ClearCache => {
+            let d = deployer(cfg, false).await?;
+            let report = d.clear_cache().await?;
+            println!(
+                "removed {} images and {} dangling images, reclaimed {} of builder cache, deleted {} app cache paths; the next build starts without cache",
+                report.images_removed.len(),
+                report.dangling_removed,
+                ByteSize(report.build_cache_reclaimed).display().iec(),
+                report.paths_removed.len()
+            );
+            Ok(exit::OK)
+        }
+        Command::Publish {
+            file,
+            bucket,
+            app,
+            environment,
+            commit,
+            branch,
+            run_id,
+            pr,
+            sign,
+            pointer,
+            multipart_threshold,
+            part_size,
+            concurrency,
+        } => {
+            let ci = CiDefaults::github(|k| std::env::var(k).ok());
+            let req = PublishRequest {
+                file,
+                bucket,
+                app,
+                environment,
+                commit: ci.commit_or(commit)?,
+                branch: branch.or(ci.branch),
+                run_id: run_id.or(ci.run_id),
+                pr_number: pr.or(ci.pr_number),
+                sign,
+                sign_password: std::env::var(signature::PASSWORD_ENV).ok(),
+                pointer,
+                multipart_threshold,
+                part_size,
+                concurrency,
+                now: SystemTime::now(),
+            };
+            let s3 = crate::s3::client(&cfg.s3).await?;
+            let p = publish::publish(&s3, &req).await?;
+            if let Some(out) = std::env::var_os("GITHUB_OUTPUT").filter(|v| !v.is_empty()) {
+                let out = PathBuf::from(out);
+                publish::write_github_output(&out, &p).map_err(|e| Failure {
+                    code: exit::SOFTWARE,
+                    message: format!(
+                        "published {} but could not append to GITHUB_OUTPUT {}: {e}",
+                        p.object,
+                        out.display()
+                    ),
+                })?;
+            }
+            println!("{}", p.object.key);
+            Ok(exit::OK)
+        }
+        Command::Gc {
+            bucket,
+            app,
+            environment,
+            keep,
+            days,
+            dry_run,
+        } => {
+            let s3 = crate::s3::client(&cfg.s3).await?;
+            let req = GcRequest {
+                bucket,
+                app,
+                environment,
+                keep,
+                days,
+                dry_run,
+                now: SystemTime::now(),
+            };
+            let r = gc::gc(&s3, &req).await?;
+            let verb = if dry_run { "would delete" } else { "deleted" };
+            for d in &r.deleted {
+                println!(
+                    "{verb} s3://{}/{} ({})",
+                    req.bucket,
+                    d.key,
+                    ByteSize(d.size).display().iec()
+                );
+            }
+            for (env, why) in &r.skipped {
+                println!("skipped environment {env}: {why}");
+            }
+            println!(
+                "{verb} {} objects in {} releases, {} in total; kept {} releases{}",
+                r.deleted.len(),
+                r.releases_deleted.len(),
+                ByteSize(r.bytes).display().iec(),
+                r.releases_kept,
+                if r.protected.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (pointed at: {})", r.protected.join(", "))
+                }
+            );
+            Ok(if r.skipped.is_empty() {
+                exit::OK
+            } else {
+                exit::DATAERR
+            })
+        }
+        Command::CheckConfig => check_config(&cfg).await,
+    }
+}
+
+/// `deployd check-config`: the resolved source, the identity, tags and metrics.
+async fn check_config(cfg: &Config) -> Result<i32, Failure> {
+    let env = EnvFile::load(&cfg.environment_file)?;
+    let instance = Instance::new(&cfg.report);
+    let artifact = source::resolve(cfg, &env, None, &instance).await?;
+    println!(
+        "config         {}",
+        cfg.path
+            .as_ref()
+            .map_or("(defaults)".into(), |p| p.display().to_string())
+    );
+    println!("environment    {}", cfg.environment_file.display());
+    println!("source         {artifact} (from {})", artifact.origin);
+    if artifact.origin == Origin::Legacy {
+        println!(
+            "warning        the legacy path is mutable; prefer versioned keys in DEPLOYMENT_KEY"
+        );
+    }
+    println!("state dir      {}", cfg.state_dir.display());
+    let mut lines = instance.check().await;
+    lines.push(crate::report::metrics::check(cfg));
+    for (label, text) in lines {
+        println!("{label:<15}{text}");
+    }
+    Ok(exit::OK)
+}
+
+/// `deployd status`: the live status if a daemon writes one, else the durable state; with
+/// `wait`, once the running deployment has ended, exiting with its result.
+async fn status(cfg: &Config, json: bool, wait: Option<Duration>) -> Result<i32, Failure> {
+    let paths = cfg.paths();
+    let snap = match wait {
+        Some(timeout) => Snapshot::wait_settled(&paths, timeout).await?,
+        None => Snapshot::read(&paths)?,
+    };
+    let last = snap.last_attempt().cloned();
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&snap).unwrap_or_default()
+        );
+    } else {
+        match &snap.state.current {
+            Some(r) => println!(
+                "serving        {} (commit {}, {}, since {})",
+                r.id,
+                r.commit.as_deref().unwrap_or("-"),
+                r.artifact,
+                r.activated_at
+            ),
+            None => println!("serving        nothing yet"),
+        }
+        if let Some(s) = &snap.live {
+            println!(
+                "daemon         pid {}, {}{}",
+                s.pid,
+                s.stage,
+                s.detail
+                    .as_deref()
+                    .map(|d| format!(" {d}"))
+                    .unwrap_or_default()
+            );
+        }
+        if let Some(a) = &last {
+            println!(
+                "last attempt   {:?} at {} ({}){}",
+                a.outcome,
+                a.finished_at,
+                a.trigger,
+                a.error
+                    .as_deref()
+                    .map(|e| format!(": {e}"))
+                    .unwrap_or_default()
+            );
+        }
+    }
+    Ok(match (&last, wait) {
+        (Some(a), Some(_)) if matches!(a.outcome, Outcome::Failed) => a.exit_code.max(1),
+        _ => exit::OK,
+    })
+}

@@ -1,0 +1,230 @@
+//! The host's state transitions: `current` and `state.json` change together, here and nowhere
+//! else.
+//!
+//! ```text
+//!            activate (a new release serves; the old one becomes previous-good)
+//!   serving ───────────────────────────────────────────────────────────────► serving'
+//!      ▲  │ revert (a started release was unhealthy: both records put back)
+//!      └──┘
+//!   rollback (an operator picks a release on disk) · record (every attempt, in the history)
+//!   reconcile (startup: `current`, the releases on disk and state.json made to agree)
+//! ```
+//!
+//! Each transition loads `state.json` once, changes the disk, and saves it atomically. The
+//! format of the file is [`crate::contract::state`]; the disk operations are
+//! [`crate::deploy::release`].
+
+use crate::contract::host::Manifest;
+use crate::contract::state::{Attempt, ReleaseSummary, State, StateError};
+use crate::deploy::release::{Layout, ReleaseError};
+use crate::error::ExitCode;
+use crate::s3::S3Object;
+
+/// A transition failed: the disk (release) or the state file.
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    /// A release or `current` could not be changed.
+    #[error(transparent)]
+    Release(#[from] ReleaseError),
+    /// `state.json` could not be read or written.
+    #[error(transparent)]
+    State(#[from] StateError),
+}
+
+impl ExitCode for HostError {
+    fn exit_code(&self) -> i32 {
+        match self {
+            HostError::Release(e) => e.exit_code(),
+            HostError::State(e) => e.exit_code(),
+        }
+    }
+}
+
+/// `current` and `state.json` of one host.
+#[derive(Debug, Clone, Copy)]
+pub struct Host<'a> {
+    layout: &'a Layout,
+}
+
+impl<'a> Host<'a> {
+    /// The host whose releases are `layout`.
+    pub fn new(layout: &'a Layout) -> Host<'a> {
+        Host { layout }
+    }
+
+    /// Reads `state.json` (missing: an empty state).
+    pub fn load(&self) -> Result<State, StateError> {
+        State::load(&self.layout.paths().state_file)
+    }
+
+    fn save(&self, state: &State) -> Result<(), StateError> {
+        state.save(&self.layout.paths().state_file)
+    }
+
+    /// Records how an attempt ended; returns the state as saved.
+    pub fn record(&self, attempt: Attempt) -> Result<State, StateError> {
+        let mut state = self.load()?;
+        state.record(attempt);
+        self.save(&state)?;
+        Ok(state)
+    }
+
+    /// The serving release, if it is intact and its artifact is the one described: the same
+    /// SHA-256 when one is expected, else the same object and ETag.
+    pub fn serving_same(
+        &self,
+        object: &S3Object,
+        expected_sha256: Option<&str>,
+    ) -> Result<Option<String>, StateError> {
+        let Some(cur) = self.load()?.current else {
+            return Ok(None);
+        };
+        if self.layout.current_id().as_deref() != Some(cur.id.as_str())
+            || self.layout.manifest(&cur.id).is_err()
+        {
+            return Ok(None);
+        }
+        let same = match expected_sha256 {
+            Some(sha) => sha.eq_ignore_ascii_case(&cur.sha256),
+            None => {
+                cur.artifact.bucket == object.bucket
+                    && cur.artifact.key == object.key
+                    && cur.artifact.etag() == object.etag()
+            }
+        };
+        Ok(same.then_some(cur.id))
+    }
+
+    /// Switches `current` to the new release and records it as serving (the old one becomes
+    /// previous-good); then removes releases beyond the newest `keep`, never the two recorded.
+    pub fn activate(&self, manifest: &Manifest, keep: usize) -> Result<(), HostError> {
+        let mut state = self.load()?;
+        self.layout.switch_current(&manifest.id)?;
+        let summary = manifest.summary();
+        if let Some(previous) = state.current.take()
+            && previous.id != summary.id
+        {
+            state.previous_good = Some(previous);
+        }
+        state.current = Some(summary);
+        self.save(&state)?;
+        let protect: Vec<&str> = [state.current.as_ref(), state.previous_good.as_ref()]
+            .into_iter()
+            .flatten()
+            .map(|r| r.id.as_str())
+            .collect();
+        let removed = self.layout.retain(keep, &protect)?;
+        if !removed.is_empty() {
+            tracing::info!(removed = ?removed, keep, "removed old releases");
+        }
+        Ok(())
+    }
+
+    /// Puts `current` and the serving/previous-good records back as they were in `before`,
+    /// after a failed start (the attempt history is kept).
+    pub fn revert(&self, before: &State) -> Result<(), HostError> {
+        let mut state = self.load()?;
+        match &before.current {
+            Some(p) => self.layout.switch_current(&p.id)?,
+            None => self.layout.remove_current()?,
+        }
+        state.current = before.current.clone();
+        state.previous_good = before.previous_good.clone();
+        self.save(&state)?;
+        Ok(())
+    }
+
+    /// The release `deployd rollback` goes to: `id`, else the previous good one.
+    pub fn rollback_target(&self, id: Option<&str>) -> Result<String, HostError> {
+        match id {
+            Some(id) => Ok(id.to_string()),
+            None => self
+                .load()?
+                .previous_good
+                .map(|r| r.id)
+                .ok_or_else(|| ReleaseError::NothingToRollBack.into()),
+        }
+    }
+
+    /// Makes `manifest`'s release the serving one on an operator's request, recording
+    /// `attempt`; the release that served becomes previous-good.
+    pub fn roll_back_to(&self, manifest: &Manifest, attempt: Attempt) -> Result<State, HostError> {
+        let mut state = self.load()?;
+        self.layout.switch_current(&manifest.id)?;
+        let old = state.current.replace(manifest.summary());
+        if let Some(old) = old.filter(|o| o.id != manifest.id) {
+            state.previous_good = Some(old);
+        }
+        state.record(attempt);
+        self.save(&state)?;
+        Ok(state)
+    }
+
+    /// Makes the disk and `state.json` agree, before anything else happens in a process that
+    /// deploys: staging debris of dead runs is removed; `current` must name a complete release
+    /// (else it is pointed at the recorded or newest complete one, or removed); the state's
+    /// serving record is corrected to match. Returns what serves.
+    pub fn reconcile(&self) -> Result<Option<ReleaseSummary>, HostError> {
+        let layout = self.layout;
+        layout.ensure()?;
+        let debris = layout.clean_staging()?;
+        if debris > 0 {
+            tracing::warn!(
+                entries = debris,
+                "removed staging debris from an interrupted deployment"
+            );
+        }
+        let mut state = match self.load() {
+            Ok(s) => s,
+            Err(error) => {
+                tracing::warn!(%error, "state file unreadable; rebuilding it from the releases on disk");
+                State::default()
+            }
+        };
+        let intact = |id: &str| layout.manifest(id).is_ok();
+        let mut serving = layout.current_id().filter(|id| intact(id));
+        if serving.is_none() {
+            // `current` is missing, dangling or names an incomplete release: fall back to the
+            // recorded one, else the newest complete release.
+            let candidate = state
+                .current
+                .as_ref()
+                .map(|c| c.id.clone())
+                .filter(|id| intact(id))
+                .or_else(|| {
+                    layout
+                        .release_ids()
+                        .ok()?
+                        .into_iter()
+                        .rev()
+                        .find(|id| intact(id))
+                });
+            if let Some(id) = &candidate {
+                tracing::warn!(release = %id, "`current` did not name a complete release; repointed it");
+                layout.switch_current(id)?;
+            } else if std::fs::symlink_metadata(&layout.paths().current).is_ok() {
+                tracing::warn!("`current` named no complete release and none exists; removed it");
+                layout.remove_current()?;
+            }
+            serving = candidate;
+        }
+        let recorded = state.current.as_ref().map(|c| c.id.clone());
+        if recorded != serving {
+            state.current = match &serving {
+                Some(id) => Some(layout.manifest(id)?.summary()),
+                None => None,
+            };
+            tracing::warn!(
+                recorded = recorded.as_deref().unwrap_or("-"),
+                serving = serving.as_deref().unwrap_or("-"),
+                "state.json disagreed with `current`; corrected it"
+            );
+            self.save(&state)?;
+        }
+        tracing::info!(
+            serving = serving.as_deref().unwrap_or("nothing"),
+            "reconciled"
+        );
+        Ok(state.current)
+    }
+}
