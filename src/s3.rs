@@ -168,8 +168,10 @@ where
     }
 }
 
+/// The S3 client cannot be configured.
 #[derive(Debug, thiserror::Error)]
 pub enum S3SetupError {
+    /// No region in the config, the environment or IMDS.
     #[error(
         "no AWS region is configured: set [s3] region in the config or AWS_REGION in the environment"
     )]

@@ -402,16 +402,10 @@ pub fn watchdog_interval_from(
 
 /// `CLOCK_MONOTONIC` now, in microseconds, as systemd expects in `MONOTONIC_USEC=`.
 pub fn monotonic_usec() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid, writable timespec and CLOCK_MONOTONIC is always available on
-    // Linux, so the call cannot fail or write out of bounds.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    debug_assert_eq!(rc, 0, "clock_gettime(CLOCK_MONOTONIC) failed");
-    // Both fields are non-negative for CLOCK_MONOTONIC.
-    (ts.tv_sec as u64) * 1_000_000 + (ts.tv_nsec as u64) / 1_000
+    // CLOCK_MONOTONIC is always available on Linux; both fields are non-negative.
+    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .unwrap_or(nix::sys::time::TimeSpec::new(0, 0));
+    (ts.tv_sec() as u64) * 1_000_000 + (ts.tv_nsec() as u64) / 1_000
 }
 
 /// One line, at most [`MAX_STATUS_LEN`] bytes, cut at a character boundary.

@@ -66,7 +66,6 @@ pub struct GcReport {
     /// Keys named by pointers, hence protected.
     pub protected: Vec<String>,
     pub bytes: u64,
-    pub dry_run: bool,
     /// Environments skipped because their pointer could not be read.
     pub skipped: Vec<(String, String)>,
 }
@@ -172,10 +171,7 @@ pub async fn gc(s3: &Client, req: &GcRequest) -> Result<GcReport, GcError> {
         }
     }
 
-    let mut report = GcReport {
-        dry_run: req.dry_run,
-        ..GcReport::default()
-    };
+    let mut report = GcReport::default();
     // Every pointer of the app protects what it names, whichever environment it is in.
     let mut protected: HashSet<String> = HashSet::new();
     let mut unreadable: HashSet<String> = HashSet::new();

@@ -51,10 +51,6 @@ use crate::contract::signature::{self, SignError, SigningKey};
 use crate::error::{ExitCode, exit};
 use crate::s3::{self as s3mod, S3Failure, S3Object};
 
-/// Files up to this size go up in one `PutObject`.
-pub const DEFAULT_MULTIPART_THRESHOLD: u64 = 64 << 20;
-/// Multipart part size (grown for files that would need more than 10,000 parts).
-pub const DEFAULT_PART_SIZE: u64 = 16 << 20;
 /// Parts in flight at once.
 pub const DEFAULT_CONCURRENCY: usize = 8;
 

@@ -21,22 +21,22 @@ use crate::logging::{self, LogFormat};
     version,
     about = "Deploys verified S3 artifacts onto this host"
 )]
-pub struct Cli {
+pub(crate) struct Cli {
     /// Config file [default: /etc/deployd/deployd.toml]
     #[arg(long, global = true, env = "DEPLOYD_CONFIG")]
-    pub config: Option<PathBuf>,
+    pub(crate) config: Option<PathBuf>,
     /// Log format on stderr.
     #[arg(long, global = true, value_enum, default_value = "text")]
-    pub log_format: LogFormat,
+    pub(crate) log_format: LogFormat,
     /// Debug logging.
     #[arg(short, long, global = true)]
-    pub verbose: bool,
+    pub(crate) verbose: bool,
     #[command(subcommand)]
-    pub command: Command,
+    pub(crate) command: Command,
 }
 
 #[derive(Debug, Subcommand)]
-pub enum Command {
+pub(crate) enum Command {
     /// The daemon (systemd's ExecStart): deploy at startup, then on SIGHUP and trigger files.
     Run,
     /// Ask the running daemon to redeploy by dropping a trigger file.
@@ -173,7 +173,7 @@ fn parse_duration(s: &str) -> Result<HumanDuration, String> {
 
 /// A command's failure: the sentence to print and the exit code.
 #[derive(Debug)]
-pub struct Failure {
+pub(crate) struct Failure {
     /// The exit code.
     pub code: i32,
     /// The one sentence printed after `deployd: error: `.
@@ -190,6 +190,7 @@ impl<E: ExitCode + std::fmt::Display> From<E> for Failure {
 }
 
 /// Entry point for the binary; returns the process exit code.
+#[allow(clippy::print_stderr)] // The one sentence a failed command prints, by contract.
 pub fn main() -> i32 {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,

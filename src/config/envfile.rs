@@ -14,18 +14,26 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{ExitCode, exit};
 
+/// The environment file is unreadable or malformed (exit 78).
 #[derive(Debug, thiserror::Error)]
 pub enum EnvFileError {
+    /// The file cannot be read.
     #[error("cannot read environment file {path}: {source}")]
     Read {
+        /// The path concerned.
         path: PathBuf,
+        /// The underlying error.
         #[source]
         source: std::io::Error,
     },
+    /// A line that is not `KEY=value`.
     #[error("environment file {path}, line {line}: {message}")]
     Syntax {
+        /// The path concerned.
         path: PathBuf,
+        /// 1-based line number.
         line: usize,
+        /// What is wrong.
         message: String,
     },
 }
@@ -39,7 +47,9 @@ impl ExitCode for EnvFileError {
 /// The variables of one environment file, plus where they came from.
 #[derive(Debug, Clone, Default)]
 pub struct EnvFile {
+    /// Where it was read from.
     pub path: PathBuf,
+    /// Its variables.
     pub vars: BTreeMap<String, String>,
 }
 
@@ -62,6 +72,7 @@ impl EnvFile {
         }
     }
 
+    /// Parses environment-file text; `path` only names the file in errors.
     pub fn parse(text: &str, path: &Path) -> Result<EnvFile, EnvFileError> {
         let mut vars = BTreeMap::new();
         for (i, raw) in text.lines().enumerate() {

@@ -23,23 +23,35 @@ pub const DEFAULT_PATH: &str = "/etc/deployd/deployd.toml";
 /// A configuration problem; always exit code 78.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// The file cannot be read.
     #[error("cannot read config file {path}: {source}")]
     Read {
+        /// The path concerned.
         path: PathBuf,
+        /// The underlying error.
         #[source]
         source: std::io::Error,
     },
+    /// Not valid TOML, or an unknown key or a bad value.
     #[error("invalid config file {path}, line {line}{}: {message}", key.as_ref().map(|k| format!(" (key `{k}`)")).unwrap_or_default())]
     Parse {
+        /// The path concerned.
         path: PathBuf,
+        /// 1-based line number.
         line: usize,
+        /// The dotted config key.
         key: Option<String>,
+        /// What is wrong.
         message: String,
     },
+    /// A value serde accepts but deployd cannot use.
     #[error("invalid config file {path}: `{key}` {message}")]
     Invalid {
+        /// The path concerned.
         path: PathBuf,
+        /// The dotted config key.
         key: &'static str,
+        /// What is wrong.
         message: String,
     },
 }
@@ -106,22 +118,33 @@ impl<'de> Deserialize<'de> for Size {
     }
 }
 
+/// `/etc/deployd/deployd.toml`; every key optional (see the README's config section).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// Names releases, the container project and legacy templates.
     pub app: String,
+    /// Releases, `current`, `state.json` (default `/var/lib/deployd`).
     pub state_dir: PathBuf,
     /// `status.json` and `triggers/` live here.
     pub runtime_dir: PathBuf,
+    /// `KEY=value` lines written by cloud-init, re-read at every deployment.
     pub environment_file: PathBuf,
+    /// `[source]`: where the artifact comes from.
     pub source: SourceConfig,
+    /// `[s3]`: the S3 client.
     pub s3: S3Config,
+    /// `[unpack]`: archive limits.
     pub unpack: UnpackConfig,
+    /// `[releases]`: retention.
     pub releases: ReleasesConfig,
+    /// `[containers]`: the container stage.
     pub containers: ContainersConfig,
+    /// `[report]`: EC2 tags and metrics.
     pub report: ReportConfig,
+    /// `[triggers]`: polling and trigger files.
     pub triggers: TriggersConfig,
+    /// `[daemon]`: the daemon itself.
     pub daemon: DaemonConfig,
     /// The file this configuration came from, if any.
     #[serde(skip)]
@@ -148,18 +171,27 @@ impl Default for Config {
     }
 }
 
+/// `[source]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SourceConfig {
     /// Used when `DEPLOYMENT_BUCKET` / `DEPLOYMENT_KEY` are not set.
     pub bucket: String,
+    /// The artifact's key, with `bucket`.
     pub key: String,
+    /// The legacy bucket template (`{account_id}`, …).
     pub legacy_bucket: String,
+    /// The legacy key template (`{pr_number}`, `{tag:NAME}`, …).
     pub legacy_key: String,
+    /// How long a 404 is retried (CI may still be uploading).
     pub wait_for_artifact: HumanDuration,
+    /// Larger artifacts are refused before download.
     pub max_artifact_size: Size,
+    /// User metadata every artifact must carry.
     pub required_metadata: Vec<String>,
+    /// Minisign public key; when set, unsigned artifacts are refused.
     pub public_key: Option<String>,
+    /// A release pointer to follow, with `bucket`.
     pub pointer_key: Option<String>,
 }
 
@@ -179,11 +211,15 @@ impl Default for SourceConfig {
     }
 }
 
+/// `[unpack]`: limits on one archive.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct UnpackConfig {
+    /// Archive entries.
     pub max_entries: u64,
+    /// Bytes of file content.
     pub max_bytes: Size,
+    /// Bytes in one entry's path.
     pub max_path_len: usize,
 }
 
@@ -197,9 +233,11 @@ impl Default for UnpackConfig {
     }
 }
 
+/// `[releases]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ReleasesConfig {
+    /// Releases kept on disk (the serving and previous good ones always are).
     pub keep: usize,
 }
 
@@ -209,13 +247,19 @@ impl Default for ReleasesConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+/// `[containers]`: the container stage (its defaults live here and only here).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ContainersConfig {
+    /// Run the container stage when a release has a compose file.
     pub enabled: bool,
+    /// Compose file, relative to the release directory.
     pub compose_file: String,
+    /// How long each service may take to become healthy.
     pub health_timeout: HumanDuration,
+    /// How long a service without healthcheck must keep running to count as healthy.
     pub health_grace: HumanDuration,
+    /// App cache paths `clear-cache` deletes inside release directories.
     pub clear_paths: Vec<String>,
 }
 
@@ -231,11 +275,15 @@ impl Default for ContainersConfig {
     }
 }
 
+/// `[report]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ReportConfig {
+    /// Write `deployd:*` tags on this instance.
     pub ec2_tags: bool,
+    /// The tags' prefix.
     pub tag_prefix: String,
+    /// A node_exporter textfile to write after every deployment.
     pub metrics_file: Option<PathBuf>,
     /// Default: the SDK's own resolution (`AWS_ENDPOINT_URL_EC2`, `AWS_ENDPOINT_URL`).
     pub ec2_endpoint_url: Option<String>,
@@ -252,6 +300,7 @@ impl Default for ReportConfig {
     }
 }
 
+/// `[triggers]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TriggersConfig {
@@ -270,6 +319,7 @@ impl Default for TriggersConfig {
     }
 }
 
+/// `[daemon]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DaemonConfig {

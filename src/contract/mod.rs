@@ -7,8 +7,8 @@
 //! - [`host`]: the paths under the state and runtime directories, and a release's manifest;
 //! - [`state`]: `state.json` and `status.json`, and the deployment [`state::Stage`]s.
 //!
-//! Nothing here decides anything: the pipeline ([`crate::deploy`]), the daemon
-//! ([`crate::agent`]) and the CI commands ([`crate::ci`]) all speak through these types.
+//! Nothing here decides anything: the pipeline (`deploy`), the daemon
+//! (`agent`) and the CI commands (`ci`) all speak through these types.
 
 pub mod host;
 pub mod keys;

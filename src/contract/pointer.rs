@@ -21,7 +21,7 @@
 //! ## Where a pointer ranks among the sources
 //!
 //! A pointer is another way of *naming* the artifact, so it takes the rank of the place it is
-//! configured in (see [`crate::deploy::source`]): `DEPLOYMENT_POINTER` ranks with `DEPLOYMENT_KEY`
+//! configured in (see `deploy::source`): `DEPLOYMENT_POINTER` ranks with `DEPLOYMENT_KEY`
 //! (the per-instance environment file beats the config baked into the image), and
 //! `[source] pointer_key` ranks with `[source] key`. An explicit request (trigger file,
 //! `deploy --bucket/--key`) still beats both, so an operator can always deploy one exact
@@ -62,23 +62,43 @@ pub enum PointerRead {
     /// The pointer's ETag is still `last_etag` (S3 answered 304).
     Unchanged,
     /// The pointer is new or changed.
-    Changed { pointer: Pointer, etag: String },
+    Changed {
+        /// The pointer variable or key.
+        pointer: Pointer,
+        /// Its ETag.
+        etag: String,
+    },
 }
 
+/// A release pointer could not be read or is not one.
 #[derive(Debug, thiserror::Error)]
 pub enum PointerError {
+    /// The pointer does not exist.
     #[error(
         "release pointer {0} does not exist; publish with `deployd publish --pointer` or fix DEPLOYMENT_POINTER / [source] pointer_key"
     )]
     NotFound(S3Object),
+    /// 403.
     #[error(
         "access to release pointer {0} was denied; the instance's credentials need s3:GetObject on it"
     )]
     AccessDenied(S3Object),
+    /// The pointer is not a pointer document.
     #[error("release pointer {object} is not valid: {reason}; republish it")]
-    Malformed { object: S3Object, reason: String },
+    Malformed {
+        /// The S3 object concerned.
+        object: S3Object,
+        /// Why, as one clause.
+        reason: String,
+    },
+    /// S3 did not answer.
     #[error("S3 did not answer for release pointer {object}: {reason}")]
-    Unavailable { object: S3Object, reason: String },
+    Unavailable {
+        /// The S3 object concerned.
+        object: S3Object,
+        /// Why, as one clause.
+        reason: String,
+    },
 }
 
 impl ExitCode for PointerError {

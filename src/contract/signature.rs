@@ -68,28 +68,50 @@ pub fn parse_public_key(text: &str) -> Result<PublicKey, String> {
     })
 }
 
+/// The artifact's signature is missing, unusable, from another key or does not match.
 #[derive(Debug, thiserror::Error)]
 pub enum SignatureError {
+    /// `[source] public_key` is not a minisign key.
     #[error("[source] public_key {0}")]
     BadPublicKey(String),
+    /// No `<key>.minisig`.
     #[error(
         "artifact {0} has no signature ({0}{SUFFIX} does not exist) and [source] public_key requires one; publish it with `deployd publish --sign`"
     )]
     Missing(S3Object),
+    /// The signature object cannot be used.
     #[error(
         "signature {object}{SUFFIX} cannot be used: {reason}; republish the artifact with `deployd publish --sign`"
     )]
-    Unusable { object: S3Object, reason: String },
+    Unusable {
+        /// The S3 object concerned.
+        object: S3Object,
+        /// Why, as one clause.
+        reason: String,
+    },
+    /// Signed with another key.
     #[error(
         "signature {0}{SUFFIX} was made with another key than [source] public_key; sign with the matching secret key or update public_key"
     )]
     WrongKey(S3Object),
+    /// The bytes do not match the signature.
     #[error(
         "artifact {object} does not match its signature {SUFFIX} ({reason}); it was altered after signing, nothing was activated"
     )]
-    Invalid { object: S3Object, reason: String },
+    Invalid {
+        /// The S3 object concerned.
+        object: S3Object,
+        /// Why, as one clause.
+        reason: String,
+    },
+    /// S3 did not answer.
     #[error("S3 did not answer for signature {object}{SUFFIX}: {reason}")]
-    Unavailable { object: S3Object, reason: String },
+    Unavailable {
+        /// The S3 object concerned.
+        object: S3Object,
+        /// Why, as one clause.
+        reason: String,
+    },
 }
 
 impl ExitCode for SignatureError {
@@ -220,18 +242,41 @@ pub async fn fetch(
     Ok(signed)
 }
 
+/// Signing in CI failed.
 #[derive(Debug, thiserror::Error)]
 pub enum SignError {
+    /// The key file cannot be read.
     #[error("cannot read minisign secret key {path}: {reason}")]
-    Read { path: String, reason: String },
+    Read {
+        /// The path concerned.
+        path: String,
+        /// Why, as one clause.
+        reason: String,
+    },
+    /// An encrypted key without `DEPLOYD_SIGN_PASSWORD`.
     #[error(
         "minisign secret key {path} is encrypted and {PASSWORD_ENV} is not set; put its password in {PASSWORD_ENV} (deployd never prompts)"
     )]
-    NeedsPassword { path: String },
+    NeedsPassword {
+        /// The path concerned.
+        path: String,
+    },
+    /// The file is not a minisign secret key (or the password is wrong).
     #[error("cannot use minisign secret key {path}: {reason}")]
-    BadKey { path: String, reason: String },
+    BadKey {
+        /// The path concerned.
+        path: String,
+        /// Why, as one clause.
+        reason: String,
+    },
+    /// Signing failed.
     #[error("signing {file} failed: {reason}")]
-    Sign { file: String, reason: String },
+    Sign {
+        /// The file being signed.
+        file: String,
+        /// Why, as one clause.
+        reason: String,
+    },
 }
 
 impl ExitCode for SignError {

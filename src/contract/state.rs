@@ -4,7 +4,7 @@
 //! the last attempt and a short history. It is written atomically ([`crate::files`]), so a
 //! crash or power loss leaves either the old or the new file, never half of one. The changes
 //! to it (activate, revert, rollback, reconcile) live beside the disk changes they go with, in
-//! [`crate::deploy::state`].
+//! `deploy::state`.
 //!
 //! `status.json` (in the runtime directory) is the live view for `deployd status` and
 //! monitoring: the [`Stage`] of the running deployment, its progress, and the last result. It

@@ -31,6 +31,7 @@ pub const CHANNEL_DEPTH: usize = 64;
 /// One message from the download to the unpacker.
 #[derive(Debug)]
 pub enum Chunk {
+    /// Bytes of the body, in order.
     Data(Bytes),
     /// The whole object has been received.
     End,
@@ -41,22 +42,36 @@ pub enum Chunk {
 pub struct Downloaded {
     /// Lower-case hex SHA-256 of the bytes received.
     pub sha256: String,
+    /// Bytes received.
     pub bytes: u64,
+    /// How often a broken body was resumed with a range request.
     pub resumes: u32,
 }
 
+/// The download failed; nothing partial is ever used.
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
+    /// The ETag pin no longer holds (412 or 404): the key was overwritten.
     #[error(
         "{0} changed after it was verified (ETag {etag} no longer matches); nothing from it was used", etag = .0.etag()
     )]
     Replaced(S3Object),
+    /// The GET failed after the SDK retries and the resumes.
     #[error("downloading {object} failed: {reason}")]
-    Unavailable { object: S3Object, reason: String },
+    Unavailable {
+        /// The S3 object concerned.
+        object: S3Object,
+        /// Why, as one clause.
+        reason: String,
+    },
+    /// The body was longer or shorter than head-object said.
     #[error("downloading {object} returned {got} bytes where head-object reported {expected}")]
     SizeMismatch {
+        /// The S3 object concerned.
         object: S3Object,
+        /// What was expected.
         expected: u64,
+        /// What arrived.
         got: u64,
     },
     /// The unpacker stopped reading (it failed); its error is the one to report.
@@ -211,6 +226,7 @@ pub struct ChannelReader {
 }
 
 impl ChannelReader {
+    /// Reads what the download sends into `rx`.
     pub fn new(rx: mpsc::Receiver<Chunk>) -> Self {
         ChannelReader {
             rx,

@@ -33,6 +33,7 @@ pub mod state;
 pub mod unpack;
 pub mod verify;
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -266,7 +267,7 @@ impl Deployer {
     /// Runs `fut` unless cancellation comes first.
     async fn cancellable<T, E>(
         &self,
-        fut: impl std::future::Future<Output = Result<T, E>>,
+        fut: impl Future<Output = Result<T, E>>,
     ) -> Result<T, DeployError>
     where
         DeployError: From<E>,

@@ -14,18 +14,37 @@ use crate::contract::host::{MANIFEST, Manifest, Paths};
 use crate::error::{ExitCode, exit};
 use crate::files::{FileError, remove_tree, sync_dir};
 
+/// A release on disk, `current` or the lock could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ReleaseError {
+    /// A file operation failed.
     #[error(transparent)]
     File(#[from] FileError),
+    /// Another deployment holds the lock.
     #[error(
         "another deployment is running (it holds {path}); wait for it or check `deployd status`"
     )]
-    Busy { path: PathBuf },
+    Busy {
+        /// The path concerned.
+        path: PathBuf,
+    },
+    /// No such release on disk.
     #[error("release {id} does not exist under {dir}; `deployd status` lists the releases on disk")]
-    NoSuchRelease { id: String, dir: PathBuf },
+    NoSuchRelease {
+        /// The release id.
+        id: String,
+        /// The releases directory.
+        dir: PathBuf,
+    },
+    /// The release has no readable manifest.
     #[error("release {id} is incomplete (its manifest is missing or unreadable: {reason})")]
-    Incomplete { id: String, reason: String },
+    Incomplete {
+        /// The release id.
+        id: String,
+        /// Why, as one clause.
+        reason: String,
+    },
+    /// There is no previous good release.
     #[error("there is no previous release to roll back to")]
     NothingToRollBack,
 }
@@ -290,6 +309,7 @@ pub struct Staging {
 }
 
 impl Staging {
+    /// The directory.
     pub fn path(&self) -> &Path {
         self.path.as_deref().unwrap_or(Path::new(""))
     }

@@ -37,9 +37,13 @@ use crate::s3::S3Object;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Origin {
+    /// A trigger file or `deploy --bucket/--key`.
     Request,
+    /// `DEPLOYMENT_BUCKET` and `DEPLOYMENT_KEY`.
     Environment,
+    /// `[source] bucket` and `key`.
     Config,
+    /// The legacy templates.
     Legacy,
     /// `DEPLOYMENT_BUCKET` and `DEPLOYMENT_POINTER`.
     EnvironmentPointer,
@@ -95,37 +99,57 @@ impl fmt::Display for Artifact {
     }
 }
 
+/// No usable artifact source (exit 78, or 64 for a bad argument).
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
+    /// One of a pair of variables is set without the other.
     #[error(
         "{set} is set but {missing} is not (in {env_file} or the process environment): set both or neither"
     )]
     HalfSet {
+        /// The variable that is set.
         set: &'static str,
+        /// The variable that is not.
         missing: &'static str,
+        /// The environment file.
         env_file: String,
     },
+    /// A legacy template placeholder cannot be filled.
     #[error("cannot fill {placeholder} in [source] {field} = {template:?}: {reason}")]
     Placeholder {
+        /// The template field.
         field: &'static str,
+        /// The template.
         template: String,
+        /// The placeholder.
         placeholder: String,
+        /// Why, as one clause.
         reason: String,
     },
+    /// An exact key and a pointer are named in the same place.
     #[error(
         "both {key} and {pointer} are set (in {place}): set {key} to stay on one artifact or {pointer} to follow the release pointer, not both"
     )]
     KeyAndPointer {
+        /// The key variable or setting.
         key: &'static str,
+        /// The pointer variable or key.
         pointer: &'static str,
+        /// Where both are set.
         place: String,
     },
+    /// `DEPLOYMENT_SHA256` beside `DEPLOYMENT_POINTER`.
     #[error(
         "DEPLOYMENT_SHA256 is set together with DEPLOYMENT_POINTER (in {env_file}); the pointer carries its own sha256, so remove DEPLOYMENT_SHA256"
     )]
-    ShaWithPointer { env_file: String },
+    ShaWithPointer {
+        /// The environment file.
+        env_file: String,
+    },
+    /// `DEPLOYMENT_SHA256` is not a SHA-256.
     #[error("DEPLOYMENT_SHA256 {0:?} is not a SHA-256 hex digest (64 hex characters)")]
     BadSha(String),
+    /// A key was given without any bucket to look it up in.
     #[error("a key needs a bucket: pass --bucket, or set DEPLOYMENT_BUCKET or [source] bucket")]
     NoBucket,
 }

@@ -37,29 +37,55 @@ use crate::error::{ExitCode, exit};
 /// Size limits on one archive.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
+    /// Archive entries.
     pub max_entries: u64,
+    /// Bytes of file content.
     pub max_bytes: u64,
+    /// Bytes in one entry's path.
     pub max_path_len: usize,
 }
 
+/// The archive was refused or is broken (exit 65), or the tree could not be written.
 #[derive(Debug, thiserror::Error)]
 pub enum UnpackError {
+    /// An entry deployd refuses (escapes the release, device node, …).
     #[error("refusing archive entry {entry:?}: {reason}")]
-    Hostile { entry: String, reason: String },
+    Hostile {
+        /// The archive entry.
+        entry: String,
+        /// Why, as one clause.
+        reason: String,
+    },
+    /// Over an `[unpack]` limit.
     #[error("refusing archive: {what} (limit {limit} set by [unpack] {key})")]
     Limit {
+        /// Which field.
         what: String,
+        /// The limit.
         limit: u64,
+        /// The `[unpack]` config key that sets it.
         key: &'static str,
     },
+    /// Not gzip, zstd or tar.
     #[error("the artifact is not a gzip, zstd or tar archive (it starts with {magic})")]
-    NotAnArchive { magic: String },
+    NotAnArchive {
+        /// The first bytes, in hex.
+        magic: String,
+    },
+    /// A broken stream or tar structure.
     #[error("the archive is corrupt or truncated: {reason}")]
-    Corrupt { reason: String },
+    Corrupt {
+        /// Why, as one clause.
+        reason: String,
+    },
+    /// Writing the tree failed.
     #[error("cannot {action} {path}: {source}")]
     Io {
+        /// What was being done.
         action: &'static str,
+        /// The path concerned.
         path: PathBuf,
+        /// The underlying error.
         #[source]
         source: io::Error,
     },

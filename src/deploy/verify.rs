@@ -35,6 +35,7 @@ pub struct Verified {
     pub size: u64,
     /// RFC 3339.
     pub last_modified: Option<String>,
+    /// S3 user metadata, keys lower-cased.
     pub metadata: BTreeMap<String, String>,
     /// Lower-case hex.
     pub expected_sha256: Option<String>,
@@ -52,55 +53,90 @@ impl Verified {
     }
 }
 
+/// A head-object check failed; nothing was downloaded.
 #[derive(Debug, thiserror::Error)]
 pub enum VerifyError {
+    /// The key never appeared within `wait_for_artifact`.
     #[error(
         "artifact {object} was not found after waiting {waited}; check that CI uploaded it under this exact key ({listing})"
     )]
     NotFound {
+        /// The S3 object concerned.
         object: S3Object,
+        /// How long deployd waited.
         waited: String,
+        /// What the bucket holds near the key.
         listing: String,
     },
+    /// The bucket does not exist.
     #[error(
         "bucket {} does not exist (looking for key {}); check DEPLOYMENT_BUCKET or [source] bucket", .0.bucket, .0.key
     )]
     NoSuchBucket(S3Object),
+    /// 403 on head-object.
     #[error(
         "access to {object} was denied; the instance's credentials need s3:GetObject on it (and s3:ListBucket, without which S3 reports a missing key as denied)"
     )]
-    AccessDenied { object: S3Object },
+    AccessDenied {
+        /// The S3 object concerned.
+        object: S3Object,
+    },
+    /// The object is 0 bytes.
     #[error("artifact {object} is empty (0 bytes); republish it")]
-    Empty { object: S3Object },
+    Empty {
+        /// The S3 object concerned.
+        object: S3Object,
+    },
+    /// The object is over `max_artifact_size`.
     #[error("artifact {object} is {size} bytes, over [source] max_artifact_size = {max} bytes")]
     TooLarge {
+        /// The S3 object concerned.
         object: S3Object,
+        /// Its size in bytes.
         size: u64,
+        /// The limit in bytes.
         max: u64,
     },
+    /// Metadata named in `required_metadata` is absent.
     #[error(
         "artifact {object} lacks the required metadata {missing:?}; publish it with that metadata or change [source] required_metadata"
     )]
     MissingMetadata {
+        /// The S3 object concerned.
         object: S3Object,
+        /// The names that are missing.
         missing: Vec<String>,
     },
+    /// A digest field that is not a SHA-256.
     #[error("artifact {object} has a malformed {what}: {value:?}")]
     BadChecksumField {
+        /// The S3 object concerned.
         object: S3Object,
+        /// Which field.
         what: &'static str,
+        /// The value found.
         value: String,
     },
+    /// The pointer and the artifact metadata disagree on the digest.
     #[error(
         "the release pointer expects SHA-256 {expected} for {object} but its sha256 metadata says {metadata}; nothing was downloaded, republish the pointer"
     )]
     PointerMismatch {
+        /// The S3 object concerned.
         object: S3Object,
+        /// What was expected.
         expected: String,
+        /// What the metadata says.
         metadata: String,
     },
+    /// S3 did not answer.
     #[error("S3 did not answer the head-object check for {object}: {reason}")]
-    Unavailable { object: S3Object, reason: String },
+    Unavailable {
+        /// The S3 object concerned.
+        object: S3Object,
+        /// Why, as one clause.
+        reason: String,
+    },
 }
 
 impl ExitCode for VerifyError {

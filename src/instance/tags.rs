@@ -49,9 +49,6 @@ pub const TAG_TIMEOUT: Duration = Duration::from_secs(5);
 /// EC2 allows 256 characters in a tag value; the error text is cut to 255.
 const ERROR_CHARS: usize = 255;
 
-/// The tag names deployd writes, after the prefix.
-pub const TAG_NAMES: [&str; 5] = ["status", "release", "commit", "updated", "error"];
-
 /// What `deployd:status` says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TagStatus {
@@ -594,6 +591,7 @@ mod tests {
             .map(|(k, _)| k)
             .collect();
         assert_eq!(keys, ["p:status", "p:updated"]);
+        const TAG_NAMES: [&str; 5] = ["status", "release", "commit", "updated", "error"];
         for (k, _) in u.pairs("deployd:") {
             assert!(TAG_NAMES.iter().any(|n| k == format!("deployd:{n}")));
         }

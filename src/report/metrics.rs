@@ -87,11 +87,6 @@ impl Metrics {
         }
     }
 
-    /// The metrics file, if configured.
-    pub fn file(&self) -> Option<&Path> {
-        self.file.as_deref()
-    }
-
     /// Counts the attempt and rewrites the metrics file. Failures are logged, never returned.
     pub fn record(&self, report: &Report<'_>) {
         let Some(file) = &self.file else {
