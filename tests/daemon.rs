@@ -83,7 +83,10 @@ impl Daemon {
 
     fn signal(&self, sig: i32) {
         // SAFETY: plain kill(2) on our own child's pid.
-        unsafe { libc::kill(self.child.id() as i32, sig) };
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::kill(self.child.id() as i32, sig)
+        };
     }
 
     fn log(&self) -> String {
@@ -177,7 +180,10 @@ fn notify_sequence_is_ready_reloading_ready_stopping() {
         tv_nsec: 0,
     };
     // SAFETY: clock_gettime writes into the timespec we own.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts)
+    };
     let now = ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1000;
     assert!(
         now >= usec && now - usec < 10_000_000,

@@ -345,7 +345,10 @@ fn fleet_converges_on_the_newest_release() {
 
     for a in &mut agents {
         // SAFETY: plain syscall on our own child.
-        unsafe { libc::kill(a.child.id() as i32, libc::SIGTERM) };
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::kill(a.child.id() as i32, libc::SIGTERM)
+        };
     }
     for a in &mut agents {
         let status = a.child.wait().unwrap();

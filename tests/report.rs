@@ -403,6 +403,7 @@ fn daemon_until(h: &Host, env: &[(&str, &str)], attempts: usize, between: impl F
 
 fn terminate(pid: u32) {
     // SAFETY: kill(2) on our own child's pid.
+    #[allow(unsafe_code)]
     unsafe {
         libc::kill(pid as i32, libc::SIGTERM);
     }

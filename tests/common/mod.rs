@@ -57,6 +57,7 @@ pub fn moto() -> &'static Moto {
                 .stdout(Stdio::null())
                 .stderr(Stdio::null());
             // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+            #[allow(unsafe_code)]
             unsafe {
                 cmd.pre_exec(|| {
                     libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
@@ -95,6 +96,7 @@ pub fn set_test_aws_env() {
     ONCE.get_or_init(|| {
         // SAFETY: runs once, before tests start other threads that read the environment
         // through the SDK; values are the same for every test.
+        #[allow(unsafe_code)]
         unsafe {
             std::env::set_var("AWS_ACCESS_KEY_ID", "test");
             std::env::set_var("AWS_SECRET_ACCESS_KEY", "test");
