@@ -25,7 +25,8 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::time::Duration;
+
+use crate::config::ContainersConfig;
 
 pub mod build;
 pub mod cache;
@@ -46,30 +47,6 @@ pub use run::{ServiceUp, UpAction, UpReport};
 /// previous release runs without cache.
 pub const CACHE_CLEARED_MARKER: &str = ".deployd-cache-cleared";
 
-/// The `[containers]` settings the stage uses.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ContainerSettings {
-    /// Compose file, relative to the release directory.
-    pub compose_file: String,
-    /// How long each service may take to become healthy.
-    pub health_timeout: Duration,
-    /// How long a service without healthcheck must keep running to count as healthy.
-    pub health_grace: Duration,
-    /// App cache paths `clear_cache` deletes inside release directories.
-    pub clear_paths: Vec<String>,
-}
-
-impl Default for ContainerSettings {
-    fn default() -> Self {
-        ContainerSettings {
-            compose_file: "docker-compose.yml".into(),
-            health_timeout: Duration::from_secs(120),
-            health_grace: Duration::from_secs(5),
-            clear_paths: vec![".next".into(), ".turbo".into(), "__pycache__".into()],
-        }
-    }
-}
-
 /// A release as the container stage sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ReleaseRef<'a> {
@@ -88,7 +65,7 @@ impl Engine {
         project: &str,
         release: &ReleaseRef<'_>,
         env: &BTreeMap<String, String>,
-        settings: &ContainerSettings,
+        settings: &ContainersConfig,
     ) -> Result<Project, ContainerError> {
         if !compose::valid_tag(release.id) {
             return Err(ContainerError::InvalidValue {

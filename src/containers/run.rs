@@ -29,11 +29,12 @@ use bollard::query_parameters::{
 };
 use futures_util::StreamExt;
 
+use super::ReleaseRef;
 use super::build::release_image;
 use super::compose::{MountSpec, Project, Service};
 use super::engine::Engine;
 use super::error::{ContainerError, is_not_found};
-use super::{ContainerSettings, ReleaseRef};
+use crate::config::ContainersConfig;
 
 /// Label: the compose project.
 pub const LABEL_PROJECT: &str = "com.docker.compose.project";
@@ -103,7 +104,7 @@ impl Engine {
         project: &Project,
         release: &ReleaseRef<'_>,
         previous: Option<(&Project, &ReleaseRef<'_>)>,
-        settings: &ContainerSettings,
+        settings: &ContainersConfig,
     ) -> Result<UpReport, ContainerError> {
         let failure = match self.start_release(project, release, settings).await {
             Ok(mut report) => {
@@ -163,7 +164,7 @@ impl Engine {
         &self,
         project: &Project,
         release: &ReleaseRef<'_>,
-        settings: &ContainerSettings,
+        settings: &ContainersConfig,
     ) -> Result<UpReport, ContainerError> {
         match self.start_release(project, release, settings).await {
             Ok(mut report) => {
@@ -200,7 +201,7 @@ impl Engine {
         &self,
         project: &Project,
         release: &ReleaseRef<'_>,
-        settings: &ContainerSettings,
+        settings: &ContainersConfig,
     ) -> Result<UpReport, StartFailure> {
         let mut report = UpReport {
             release: release.id.to_string(),
@@ -232,7 +233,7 @@ impl Engine {
         project: &Project,
         service: &Service,
         release: &ReleaseRef<'_>,
-        settings: &ContainerSettings,
+        settings: &ContainersConfig,
         created: &mut Vec<String>,
     ) -> Result<ServiceUp, String> {
         let image = if service.build.is_some() {
@@ -441,10 +442,10 @@ impl Engine {
     async fn wait_healthy(
         &self,
         id: &str,
-        settings: &ContainerSettings,
+        settings: &ContainersConfig,
         started: Instant,
     ) -> Result<Duration, String> {
-        let deadline = started + settings.health_timeout;
+        let deadline = started + settings.health_timeout.0;
         let mut running_since: Option<Instant> = None;
         let mut restarts: Option<i64> = None;
         loop {
@@ -495,14 +496,14 @@ impl Engine {
                     // No healthcheck: running for the grace period counts as healthy.
                     if state.running.unwrap_or(false) {
                         let since = *running_since.get_or_insert_with(Instant::now);
-                        if since.elapsed() >= settings.health_grace {
+                        if since.elapsed() >= settings.health_grace.0 {
                             return Ok(started.elapsed());
                         }
                     }
                 }
             }
             if Instant::now() >= deadline {
-                return Err(format!("not healthy after {:?}", settings.health_timeout));
+                return Err(format!("not healthy after {:?}", settings.health_timeout.0));
             }
             tokio::time::sleep(HEALTH_POLL).await;
         }

@@ -34,9 +34,9 @@ use self::fetch::{ChannelReader, Downloaded, FetchError};
 use self::source::{Artifact, Origin, SourceError};
 use self::unpack::{Compression, Stats, UnpackError};
 use self::verify::{Verified, VerifyError};
-use crate::config::Config;
 use crate::config::envfile::{EnvFile, EnvFileError};
-use crate::containers::{ContainerError, ContainerSettings, Engine, ReleaseRef};
+use crate::config::{Config, ContainersConfig};
+use crate::containers::{ContainerError, Engine, ReleaseRef};
 use crate::contract::host::{Attempt, Outcome, ReleaseSummary, State, StateError, now_rfc3339};
 use crate::contract::pointer::{self, PointerError, PointerRead};
 use crate::contract::signature::{self, SignatureError, Signed};
@@ -190,14 +190,8 @@ impl Deployer {
     }
 
     /// The `[containers]` settings as the container stage takes them.
-    pub fn container_settings(&self) -> ContainerSettings {
-        let c = &self.cfg.containers;
-        ContainerSettings {
-            compose_file: c.compose_file.clone(),
-            health_timeout: c.health_timeout.0,
-            health_grace: c.health_grace.0,
-            clear_paths: c.clear_paths.clone(),
-        }
+    pub fn container_settings(&self) -> &ContainersConfig {
+        &self.cfg.containers
     }
 
     /// True when containers are enabled and `dir` holds the compose file.
@@ -413,7 +407,7 @@ impl Deployer {
                     commit: commit.as_deref(),
                 },
                 &env.vars,
-                &settings,
+                settings,
             )?;
         } else if self.cfg.containers.enabled {
             tracing::info!(
@@ -431,7 +425,7 @@ impl Deployer {
                     &release_dir,
                     commit.as_deref(),
                     &env.vars,
-                    &settings,
+                    settings,
                     &manifest,
                 )
                 .await
@@ -467,7 +461,7 @@ impl Deployer {
         dir: &std::path::Path,
         commit: Option<&str>,
         env: &std::collections::BTreeMap<String, String>,
-        settings: &ContainerSettings,
+        settings: &ContainersConfig,
         manifest: &Manifest,
     ) -> Result<(), DeployError> {
         let engine = self.engine().await?;
@@ -815,11 +809,11 @@ impl Deployer {
                 dir: &dir,
                 commit: manifest.commit(),
             };
-            let project = Engine::load_project(&self.cfg.app, &release, &env.vars, &settings)?;
+            let project = Engine::load_project(&self.cfg.app, &release, &env.vars, settings)?;
             self.reporter.stage("starting", Some(target.clone()));
             self.engine()
                 .await?
-                .rollback(&project, &release, &settings)
+                .rollback(&project, &release, settings)
                 .await?;
         }
         self.layout.switch_current(&target)?;
