@@ -20,32 +20,35 @@
 //!
 //! Images are tagged `<image-repo>:<release-id>` besides their compose `image:`; containers are
 //! named `<project>-<service>-1` and labelled like `docker compose` does, plus `deployd.release`.
-//! [`Engine::connect`] waits for the engine at startup and explains the builder choice (see
-//! [`engine`]).
+//! [`Engine::connect`] waits for the engine at startup and records the builder choice and why in
+//! a [`BuilderDecision`].
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
 use crate::config::ContainersConfig;
 
-pub mod build;
-pub mod cache;
-pub mod compose;
+pub(crate) mod build;
+pub(crate) mod cache;
+pub(crate) mod compose;
 pub mod context;
-pub mod engine;
-pub mod error;
-pub mod run;
+pub(crate) mod engine;
+pub(crate) mod error;
+pub(crate) mod run;
 
 pub use build::{BuildReport, ServiceBuild};
 pub use cache::ClearReport;
-pub use compose::{Project, Service};
+pub use compose::{
+    BuildSpec, DependCondition, Dependency, HealthSpec, MountSpec, NamedObject, PortSpec, Project,
+    Service,
+};
 pub use engine::{Builder, BuilderDecision, Engine, EngineFacts};
 pub use error::ContainerError;
 pub use run::{ServiceUp, UpAction, UpReport};
 
 /// Marker `clear_cache` leaves in release directories: the next build from one of them as the
 /// previous release runs without cache.
-pub const CACHE_CLEARED_MARKER: &str = ".deployd-cache-cleared";
+pub(crate) const CACHE_CLEARED_MARKER: &str = ".deployd-cache-cleared";
 
 /// A release as the container stage sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

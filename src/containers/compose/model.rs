@@ -38,20 +38,30 @@ pub struct NamedObject {
 /// One service of the project.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Service {
+    /// The service's key under `services`.
     pub name: String,
     /// How to build the image, when the service is built from the release.
     pub build: Option<BuildSpec>,
     /// The image reference the service runs (`image:`, or `<project>-<service>` for built services).
     pub image: String,
+    /// `command:` as words; `None` keeps the image's.
     pub command: Option<Vec<String>>,
+    /// `entrypoint:` as words; `None` keeps the image's.
     pub entrypoint: Option<Vec<String>>,
     /// Final environment: `env_file` entries, overridden by `environment`.
     pub environment: BTreeMap<String, String>,
+    /// Published ports.
     pub ports: Vec<PortSpec>,
+    /// Named volumes and bind mounts.
     pub volumes: Vec<MountSpec>,
+    /// Restart policy (`no`, `always`, `unless-stopped`, `on-failure[:N]`).
     pub restart: Option<String>,
+    /// `healthcheck:`; `None` keeps the image's.
     pub healthcheck: Option<HealthSpec>,
+    /// Services that start before this one.
     pub depends_on: Vec<Dependency>,
+    /// Container labels from the compose file (deployd adds its own when it creates the
+    /// container).
     pub labels: BTreeMap<String, String>,
     /// Compose names of the networks the service joins.
     pub networks: Vec<String>,
@@ -64,19 +74,26 @@ pub struct BuildSpec {
     pub context: PathBuf,
     /// Dockerfile path relative to the context.
     pub dockerfile: String,
+    /// Build args; an arg listed without a value took it from the environment, or was left out.
     pub args: BTreeMap<String, String>,
+    /// Extra cache sources from the compose file.
     pub cache_from: Vec<String>,
+    /// The stage to build; `None` builds the last one.
     pub target: Option<String>,
+    /// Image labels from the compose file.
     pub labels: BTreeMap<String, String>,
 }
 
 /// One published port.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PortSpec {
+    /// Host address to bind; `None` binds all.
     pub host_ip: Option<String>,
     /// Host port; `None` lets the engine choose.
     pub published: Option<u16>,
+    /// Container port.
     pub target: u16,
+    /// `tcp` (the default), `udp` or `sctp`.
     pub protocol: String,
 }
 
@@ -85,14 +102,20 @@ pub struct PortSpec {
 pub enum MountSpec {
     /// A named volume (engine name) mounted at `target`.
     Volume {
+        /// The volume's engine name.
         name: String,
+        /// Absolute path in the container.
         target: String,
+        /// Mounted read-only (`:ro`).
         read_only: bool,
     },
     /// A directory or file of the release mounted at `target`.
     Bind {
+        /// Absolute path inside the release directory.
         source: PathBuf,
+        /// Absolute path in the container.
         target: String,
+        /// Mounted read-only (`:ro`).
         read_only: bool,
     },
 }
@@ -102,9 +125,13 @@ pub enum MountSpec {
 pub struct HealthSpec {
     /// `["CMD", ...]`, `["CMD-SHELL", "..."]` or `["NONE"]` (disabled).
     pub test: Vec<String>,
+    /// Time between checks.
     pub interval: Option<Duration>,
+    /// How long one check may take.
     pub timeout: Option<Duration>,
+    /// Failed checks in a row that make the container unhealthy.
     pub retries: Option<u32>,
+    /// Time after start during which failed checks do not count.
     pub start_period: Option<Duration>,
 }
 
@@ -118,14 +145,18 @@ impl HealthSpec {
 /// A `depends_on` entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Dependency {
+    /// The service depended on.
     pub service: String,
+    /// When it counts as ready.
     pub condition: DependCondition,
 }
 
 /// When a dependency counts as ready.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DependCondition {
+    /// `service_started` (also the list form).
     Started,
+    /// `service_healthy`.
     Healthy,
 }
 

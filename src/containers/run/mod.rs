@@ -31,18 +31,20 @@ mod health;
 use self::create::ServiceError;
 
 /// Label: the compose project.
-pub const LABEL_PROJECT: &str = "com.docker.compose.project";
+const LABEL_PROJECT: &str = "com.docker.compose.project";
 /// Label: the compose service.
-pub const LABEL_SERVICE: &str = "com.docker.compose.service";
+const LABEL_SERVICE: &str = "com.docker.compose.service";
 /// Label: the release a container was created for.
-pub const LABEL_RELEASE: &str = "deployd.release";
+const LABEL_RELEASE: &str = "deployd.release";
 /// Label: hash of the image id and container configuration.
-pub const LABEL_CONFIG_HASH: &str = "deployd.config-hash";
+const LABEL_CONFIG_HASH: &str = "deployd.config-hash";
 
 /// What `up` or `rollback` did.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct UpReport {
+    /// The release that was started.
     pub release: String,
+    /// One entry per service, in start order.
     pub services: Vec<ServiceUp>,
     /// Containers of services no longer in the compose file that were removed.
     pub orphans_removed: Vec<String>,
@@ -51,12 +53,17 @@ pub struct UpReport {
 /// What happened to one service.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ServiceUp {
+    /// The compose service.
     pub service: String,
+    /// Container name, `<project>-<service>-1`.
     pub container: String,
+    /// Container id.
     pub container_id: String,
     /// Image reference the container runs.
     pub image: String,
+    /// Id of that image.
     pub image_id: String,
+    /// Whether the container was created, replaced or kept.
     pub action: UpAction,
     /// Time from start to healthy.
     pub became_healthy_after: Duration,
