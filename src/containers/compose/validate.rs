@@ -217,3 +217,55 @@ pub(super) fn order_services(
     }
     Ok(ordered)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `<service> <key>` of the refusal, or what `validate_keys` returned instead.
+    fn refused(yaml: &str) -> String {
+        let cx = Cx {
+            path: "docker-compose.yml".into(),
+            release_dir: "/r".into(),
+            project: "p".into(),
+        };
+        let doc: Value = yaml_serde::from_str(yaml).unwrap();
+        match validate_keys(&cx, &doc) {
+            Err(ContainerError::UnsupportedKey { service, key, .. }) => format!("{service} {key}"),
+            other => format!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn refusals_name_the_service_and_the_dotted_key() {
+        let svc = |body: &str| refused(&format!("services:\n  web:\n{body}"));
+        assert_eq!(
+            svc("    image: x\n    privileged: true\n"),
+            "web privileged"
+        );
+        assert_eq!(svc("    build:\n      ssh: default\n"), "web build.ssh");
+        assert_eq!(
+            svc("    healthcheck:\n      start_interval: 1s\n"),
+            "web healthcheck.start_interval"
+        );
+        assert_eq!(
+            svc("    depends_on:\n      db:\n        restart: true\n"),
+            "web depends_on.db.restart"
+        );
+        assert_eq!(
+            svc("    networks:\n      front:\n        aliases: [a]\n"),
+            "web networks.front.aliases"
+        );
+        assert_eq!(
+            refused("volumes:\n  data:\n    labels: {}\n"),
+            "(top level) volumes.data.labels"
+        );
+        assert_eq!(refused("configs: {}\n"), "(top level) configs");
+        assert_eq!(
+            svc(
+                "    depends_on:\n      db:\n        condition: service_healthy\n    networks:\n      front:\n"
+            ),
+            "Ok(())"
+        );
+    }
+}
