@@ -6,7 +6,8 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use deployd::containers::{ContainerSettings, Engine, ReleaseRef};
+use deployd::config::ContainersConfig;
+use deployd::containers::{Engine, ReleaseRef};
 use deployd::error::ExitCode;
 
 #[tokio::main]
@@ -47,7 +48,7 @@ async fn run(
     force: bool,
 ) -> Result<(), deployd::containers::ContainerError> {
     let engine = Engine::connect(Duration::from_secs(10)).await?;
-    let settings = ContainerSettings::default();
+    let settings = ContainersConfig::default();
     let p = Engine::load_project(project, release, &BTreeMap::new(), &settings)?;
     let started = Instant::now();
     let report = engine.build(&p, release, previous, force).await?;

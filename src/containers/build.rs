@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 use bollard::query_parameters::{BuildImageOptionsBuilder, BuilderVersion, TagImageOptionsBuilder};
 use futures_util::StreamExt;
 
-use super::compose::{Project, Service, split_image};
+use super::compose::{BuildSpec, Project, Service, split_image};
 use super::context::stream_context;
 use super::engine::Engine;
 use super::error::{ContainerError, is_not_found};
@@ -43,6 +43,7 @@ use super::{CACHE_CLEARED_MARKER, ReleaseRef};
 /// What one deployment's builds did.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct BuildReport {
+    /// One entry per service with `build:`, in start order.
     pub services: Vec<ServiceBuild>,
 }
 
@@ -56,6 +57,7 @@ impl BuildReport {
 /// What the build of one service did.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ServiceBuild {
+    /// The compose service.
     pub service: String,
     /// `<image-repo>:<release-id>`.
     pub image: String,
@@ -73,16 +75,17 @@ pub struct ServiceBuild {
     pub stages: Vec<String>,
     /// Whether the build ran with `nocache`.
     pub no_cache: bool,
+    /// Wall time of all the service's builds, stages included.
     pub duration: Duration,
 }
 
 /// `<image-repo>:<release-id>` for a service.
-pub fn release_image(service: &Service, release_id: &str) -> String {
+pub(crate) fn release_image(service: &Service, release_id: &str) -> String {
     format!("{}:{release_id}", split_image(&service.image).0)
 }
 
 /// `<image-repo>:<release-id>-stage-<stage>`: the image of one named intermediate stage.
-pub fn stage_image(service: &Service, release_id: &str, stage: &str) -> String {
+fn stage_image(service: &Service, release_id: &str, stage: &str) -> String {
     format!(
         "{}:{release_id}-stage-{stage}",
         split_image(&service.image).0
@@ -93,7 +96,7 @@ pub fn stage_image(service: &Service, release_id: &str, stage: &str) -> String {
 /// order, lower-cased as the engine matches them. Empty for a single-stage Dockerfile, for an
 /// unknown target and for a Dockerfile that does not parse: the build itself then reports what
 /// is wrong, and the only cost of an empty list is cache that is not reused.
-pub fn intermediate_stages(dockerfile: &str, target: Option<&str>) -> Vec<String> {
+fn intermediate_stages(dockerfile: &str, target: Option<&str>) -> Vec<String> {
     let Ok(parsed) = parse_dockerfile::parse(dockerfile) else {
         return Vec::new();
     };
@@ -246,8 +249,8 @@ impl Engine {
         previous: Option<&ReleaseRef<'_>>,
         force: bool,
     ) -> Result<BuildReport, ContainerError> {
-        let cache_cleared = previous.is_some_and(|p| p.dir.join(CACHE_CLEARED_MARKER).exists());
-        if cache_cleared {
+        let cleared = previous.is_some_and(|p| cache_cleared(p.dir));
+        if cleared {
             tracing::info!(
                 project = %project.name,
                 "caches were cleared since the previous release, building without cache"
@@ -255,7 +258,7 @@ impl Engine {
         }
         let mut report = BuildReport::default();
         for service in project.services.iter().filter(|s| s.build.is_some()) {
-            let no_cache = force || cache_cleared;
+            let no_cache = force || cleared;
             let built = self
                 .build_service(project, service, release, previous, no_cache)
                 .await?;
@@ -276,12 +279,7 @@ impl Engine {
         previous: Option<&ReleaseRef<'_>>,
         no_cache: bool,
     ) -> Result<ServiceBuild, ContainerError> {
-        let Some(spec) = &service.build else {
-            return Err(ContainerError::Internal {
-                action: format!("building service `{}`", service.name),
-                message: "the service has no build section".into(),
-            });
-        };
+        let spec = build_spec(service)?;
         let started = Instant::now();
         let tag = release_image(service, release.id);
         let stages: Vec<String> = match std::fs::read_to_string(spec.context.join(&spec.dockerfile))
@@ -423,12 +421,7 @@ impl Engine {
         release: &ReleaseRef<'_>,
         run: BuildRun<'_>,
     ) -> Result<StepCounter, ContainerError> {
-        let Some(spec) = &service.build else {
-            return Err(ContainerError::Internal {
-                action: format!("building service `{}`", service.name),
-                message: "the service has no build section".into(),
-            });
-        };
+        let spec = build_spec(service)?;
         let failed = |message: String| ContainerError::BuildFailed {
             service: service.name.clone(),
             image: run.tag.to_string(),
@@ -543,8 +536,19 @@ impl Engine {
     }
 }
 
+/// A service's `build:`; only services that have one are built.
+fn build_spec(service: &Service) -> Result<&BuildSpec, ContainerError> {
+    service
+        .build
+        .as_ref()
+        .ok_or_else(|| ContainerError::Internal {
+            action: format!("building service `{}`", service.name),
+            message: "the service has no build section".into(),
+        })
+}
+
 /// Whether `dir` holds the marker that `clear_cache` leaves in release directories.
-pub fn cache_cleared(dir: &Path) -> bool {
+fn cache_cleared(dir: &Path) -> bool {
     dir.join(CACHE_CLEARED_MARKER).exists()
 }
 

@@ -21,7 +21,7 @@ use super::error::ContainerError;
 
 /// Compiled `.dockerignore` rules.
 #[derive(Debug, Clone, Default)]
-pub struct IgnoreRules {
+pub(crate) struct IgnoreRules {
     patterns: Vec<Pattern>,
 }
 
@@ -317,13 +317,15 @@ impl Write for ChannelWriter {
 }
 
 /// A context being streamed: the body for the engine, and the task writing it.
-pub struct ContextStream {
-    pub body: std::pin::Pin<Box<dyn futures_util::stream::Stream<Item = Bytes> + Send>>,
-    pub writer: tokio::task::JoinHandle<Result<u64, ContainerError>>,
+pub(crate) struct ContextStream {
+    /// The archive, in chunks, as the engine reads it.
+    pub(crate) body: std::pin::Pin<Box<dyn futures_util::stream::Stream<Item = Bytes> + Send>>,
+    /// The task writing the archive: how many entries it sent, or why it stopped.
+    pub(crate) writer: tokio::task::JoinHandle<Result<u64, ContainerError>>,
 }
 
 /// Start streaming the context directory as a tar archive.
-pub fn stream_context(dir: PathBuf, dockerfile: String) -> ContextStream {
+pub(crate) fn stream_context(dir: PathBuf, dockerfile: String) -> ContextStream {
     let (tx, rx) = mpsc::channel::<Bytes>(8);
     let writer = tokio::task::spawn_blocking(move || write_context(&dir, &dockerfile, tx));
     let stream = futures_util::stream::unfold(rx, |mut rx| async move {

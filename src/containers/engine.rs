@@ -39,8 +39,11 @@ const PING_TIMEOUT: Duration = Duration::from_secs(5);
 /// What deployd found out about the engine.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct EngineFacts {
+    /// The engine's version (`Server Version` of `docker info`).
     pub server_version: String,
+    /// The API version the engine speaks.
     pub api_version: String,
+    /// `linux` or `windows`.
     pub os_type: String,
     /// Storage driver (`overlay2`, `fuse-overlayfs`, ...), or the snapshotter on containerd.
     pub storage_driver: String,
@@ -55,6 +58,7 @@ pub struct EngineFacts {
 pub struct BuilderDecision {
     /// Always the classic builder today (see the module docs).
     pub builder: Builder,
+    /// Why, in one sentence (logged when the engine is ready).
     pub reason: String,
 }
 
@@ -66,7 +70,7 @@ pub enum Builder {
 }
 
 /// Decide the builder from what the engine is.
-pub fn decide_builder(f: &EngineFacts) -> BuilderDecision {
+fn decide_builder(f: &EngineFacts) -> BuilderDecision {
     let default = match f.default_builder.as_deref() {
         Some("2") => "BuildKit",
         Some("1") => "classic",
@@ -180,11 +184,6 @@ impl Engine {
     /// Which builder deployd uses and why.
     pub fn builder_decision(&self) -> &BuilderDecision {
         &self.decision
-    }
-
-    /// The underlying client, for callers that need an engine call this module does not wrap.
-    pub fn docker(&self) -> &Docker {
-        &self.docker
     }
 }
 

@@ -13,48 +13,69 @@ pub enum ContainerError {
     /// The compose file could not be read.
     #[error("cannot read compose file {path}: {source}")]
     ComposeRead {
+        /// The compose file.
         path: PathBuf,
+        /// Why it could not be read.
         #[source]
         source: std::io::Error,
     },
     /// The compose file is not valid YAML or not a mapping.
     #[error("compose file {path} is not valid: {message}")]
-    ComposeSyntax { path: PathBuf, message: String },
+    ComposeSyntax {
+        /// The compose file.
+        path: PathBuf,
+        /// What the YAML parser, or deployd, found wrong.
+        message: String,
+    },
     /// A key deployd does not support; nothing was built or stopped.
     #[error(
         "compose file {path}: service `{service}` uses unsupported key `{key}`; remove it or use one of the supported keys"
     )]
     UnsupportedKey {
+        /// The compose file.
         path: PathBuf,
+        /// The service, or `(top level)`.
         service: String,
+        /// The key, dotted below the service (`build.ssh`).
         key: String,
     },
     /// A supported key with a value deployd cannot use.
     #[error("compose file {path}: service `{service}`, key `{key}`: {message}")]
     InvalidValue {
+        /// The compose file.
         path: PathBuf,
+        /// The service, or `(top level)` / `(release)`.
         service: String,
+        /// The key, dotted below the service.
         key: String,
+        /// What is wrong with the value.
         message: String,
     },
     /// `${VAR:?message}` with VAR unset, or a malformed `${...}`.
     #[error("compose file {path}: cannot interpolate `{expression}`: {message}")]
     Interpolation {
+        /// The compose file.
         path: PathBuf,
+        /// The string being interpolated.
         expression: String,
+        /// What is wrong with it.
         message: String,
     },
     /// A file the build or the run needs could not be read (context, env_file, .dockerignore).
     #[error("cannot read {path}: {source}")]
     ReadFile {
+        /// The file or directory.
         path: PathBuf,
+        /// Why it could not be read.
         #[source]
         source: std::io::Error,
     },
     /// A writable path (app cache path, marker file) could not be changed.
     #[error("cannot change {path}: {source}")]
     WriteFile {
+        /// The file or directory.
         path: PathBuf,
+        /// Why it could not be changed.
         #[source]
         source: std::io::Error,
     },
@@ -63,26 +84,39 @@ pub enum ContainerError {
         "build of service `{service}` (image {image}) failed: {message}; the serving release was left running"
     )]
     BuildFailed {
+        /// The service being built.
         service: String,
+        /// The image (or stage image) being built.
         image: String,
+        /// The engine's error.
         message: String,
     },
     /// An image a service runs is not present and could not be pulled.
     #[error("image {image} for service `{service}` is not available: {message}")]
     ImageMissing {
+        /// The service that runs the image.
         service: String,
+        /// The image reference.
         image: String,
+        /// Why it is not there.
         message: String,
     },
     /// The engine never answered within the startup bound.
     #[error(
         "the Docker engine did not answer within {waited:?} ({message}); start it (systemctl start docker) or check DOCKER_HOST"
     )]
-    EngineUnavailable { waited: Duration, message: String },
+    EngineUnavailable {
+        /// How long deployd waited.
+        waited: Duration,
+        /// The last attempt's error.
+        message: String,
+    },
     /// An engine call failed.
     #[error("Docker engine call failed while {action}: {source}")]
     Engine {
+        /// What deployd was doing (`creating network app_default`).
         action: String,
+        /// The engine's error.
         #[source]
         source: bollard::errors::Error,
     },
@@ -91,9 +125,13 @@ pub enum ContainerError {
         "release {release} was rolled back to {previous}: service `{service}` did not become healthy ({reason})"
     )]
     RolledBack {
+        /// The release that failed.
         release: String,
+        /// The release serving again.
         previous: String,
+        /// The service that did not become healthy.
         service: String,
+        /// Why it did not (the container it was, and what the engine said).
         reason: String,
     },
     /// The new release did not become healthy and there was nothing to roll back to.
@@ -101,8 +139,11 @@ pub enum ContainerError {
         "release {release}: service `{service}` did not become healthy ({reason}) and there is no previous release to roll back to"
     )]
     UnhealthyNoPrevious {
+        /// The release that failed.
         release: String,
+        /// The service that did not become healthy.
         service: String,
+        /// Why it did not.
         reason: String,
     },
     /// The new release failed and starting the previous one failed as well.
@@ -110,22 +151,35 @@ pub enum ContainerError {
         "release {release}: service `{service}` did not become healthy ({reason}) and rolling back to {previous} failed too: {rollback_error}"
     )]
     RollbackFailed {
+        /// The release that failed.
         release: String,
+        /// The release that could not be started again.
         previous: String,
+        /// The service of `release` that did not become healthy.
         service: String,
+        /// Why it did not.
         reason: String,
+        /// Which service of `previous` failed, and why.
         rollback_error: String,
     },
     /// A service did not become healthy while starting a release on demand (rollback).
     #[error("release {release}: service `{service}` did not become healthy: {reason}")]
     Unhealthy {
+        /// The release being started.
         release: String,
+        /// The service that did not become healthy.
         service: String,
+        /// Why it did not.
         reason: String,
     },
     /// A background task panicked or was cancelled.
     #[error("internal error while {action}: {message}")]
-    Internal { action: String, message: String },
+    Internal {
+        /// What deployd was doing.
+        action: String,
+        /// What went wrong.
+        message: String,
+    },
 }
 
 impl ExitCode for ContainerError {

@@ -20,55 +20,35 @@
 //!
 //! Images are tagged `<image-repo>:<release-id>` besides their compose `image:`; containers are
 //! named `<project>-<service>-1` and labelled like `docker compose` does, plus `deployd.release`.
-//! [`Engine::connect`] waits for the engine at startup and explains the builder choice (see
-//! [`engine`]).
+//! [`Engine::connect`] waits for the engine at startup and records the builder choice and why in
+//! a [`BuilderDecision`].
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::time::Duration;
 
-pub mod build;
-pub mod cache;
-pub mod compose;
+use crate::config::ContainersConfig;
+
+pub(crate) mod build;
+pub(crate) mod cache;
+pub(crate) mod compose;
 pub mod context;
-pub mod engine;
-pub mod error;
-pub mod run;
+pub(crate) mod engine;
+pub(crate) mod error;
+pub(crate) mod run;
 
 pub use build::{BuildReport, ServiceBuild};
 pub use cache::ClearReport;
-pub use compose::{Project, Service};
+pub use compose::{
+    BuildSpec, DependCondition, Dependency, HealthSpec, MountSpec, NamedObject, PortSpec, Project,
+    Service,
+};
 pub use engine::{Builder, BuilderDecision, Engine, EngineFacts};
 pub use error::ContainerError;
 pub use run::{ServiceUp, UpAction, UpReport};
 
 /// Marker `clear_cache` leaves in release directories: the next build from one of them as the
 /// previous release runs without cache.
-pub const CACHE_CLEARED_MARKER: &str = ".deployd-cache-cleared";
-
-/// The `[containers]` settings the stage uses.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ContainerSettings {
-    /// Compose file, relative to the release directory.
-    pub compose_file: String,
-    /// How long each service may take to become healthy.
-    pub health_timeout: Duration,
-    /// How long a service without healthcheck must keep running to count as healthy.
-    pub health_grace: Duration,
-    /// App cache paths `clear_cache` deletes inside release directories.
-    pub clear_paths: Vec<String>,
-}
-
-impl Default for ContainerSettings {
-    fn default() -> Self {
-        ContainerSettings {
-            compose_file: "docker-compose.yml".into(),
-            health_timeout: Duration::from_secs(120),
-            health_grace: Duration::from_secs(5),
-            clear_paths: vec![".next".into(), ".turbo".into(), "__pycache__".into()],
-        }
-    }
-}
+pub(crate) const CACHE_CLEARED_MARKER: &str = ".deployd-cache-cleared";
 
 /// A release as the container stage sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,7 +68,7 @@ impl Engine {
         project: &str,
         release: &ReleaseRef<'_>,
         env: &BTreeMap<String, String>,
-        settings: &ContainerSettings,
+        settings: &ContainersConfig,
     ) -> Result<Project, ContainerError> {
         if !compose::valid_tag(release.id) {
             return Err(ContainerError::InvalidValue {

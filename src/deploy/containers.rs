@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use super::{DeployError, Deployer, Request};
 use crate::config::envfile::EnvFile;
-use crate::containers::{ClearReport, ContainerError, ContainerSettings, Engine, ReleaseRef};
+use crate::containers::{ClearReport, ContainerError, Engine, ReleaseRef};
 use crate::contract::host::Manifest;
 use crate::contract::now_rfc3339;
 use crate::contract::state::{Attempt, Outcome, Stage};
@@ -18,17 +18,6 @@ use crate::contract::state::{Attempt, Outcome, Stage};
 const DOCKER_WAIT: Duration = Duration::from_secs(120);
 
 impl Deployer {
-    /// The `[containers]` settings as the container stage takes them.
-    pub(super) fn container_settings(&self) -> ContainerSettings {
-        let c = &self.cfg.containers;
-        ContainerSettings {
-            compose_file: c.compose_file.clone(),
-            health_timeout: c.health_timeout.0,
-            health_grace: c.health_grace.0,
-            clear_paths: c.clear_paths.clone(),
-        }
-    }
-
     /// True when containers are enabled and `dir` holds the compose file.
     pub(super) fn has_containers(&self, dir: &Path) -> bool {
         self.cfg.containers.enabled && dir.join(&self.cfg.containers.compose_file).is_file()
@@ -55,14 +44,14 @@ impl Deployer {
     ) -> Result<(), DeployError> {
         let engine = self.engine().await?;
         let app = &self.cfg.app;
-        let settings = self.container_settings();
+        let settings = &self.cfg.containers;
         let id = manifest.id.as_str();
         let release = ReleaseRef {
             id,
             dir,
             commit: manifest.commit(),
         };
-        let project = Engine::load_project(app, &release, env, &settings)?;
+        let project = Engine::load_project(app, &release, env, settings)?;
         let before = self.host().load()?;
         let previous = before
             .current
@@ -111,14 +100,11 @@ impl Deployer {
         self.reporter.stage(Stage::Starting, Some(id.to_string()));
         self.host().activate(manifest, self.cfg.releases.keep)?;
         let previous_project = match &previous_ref {
-            Some(p) => Engine::load_project(app, p, env, &settings).ok(),
+            Some(p) => Engine::load_project(app, p, env, settings).ok(),
             None => None,
         };
         let previous_pair = previous_project.as_ref().zip(previous_ref.as_ref());
-        if let Err(e) = engine
-            .up(&project, &release, previous_pair, &settings)
-            .await
-        {
+        if let Err(e) = engine.up(&project, &release, previous_pair, settings).await {
             self.host().revert(&before)?;
             // Only a rollback that restarted the previous release's containers may say so;
             // anything else (no previous release, the restart failed too, an engine error)
@@ -148,17 +134,17 @@ impl Deployer {
         let dir = self.layout.release_dir(&target);
         if self.has_containers(&dir) {
             let env = EnvFile::load(&self.cfg.environment_file)?;
-            let settings = self.container_settings();
+            let settings = &self.cfg.containers;
             let release = ReleaseRef {
                 id: &target,
                 dir: &dir,
                 commit: manifest.commit(),
             };
-            let project = Engine::load_project(&self.cfg.app, &release, &env.vars, &settings)?;
+            let project = Engine::load_project(&self.cfg.app, &release, &env.vars, settings)?;
             self.reporter.stage(Stage::Starting, Some(target.clone()));
             self.engine()
                 .await?
-                .rollback(&project, &release, &settings)
+                .rollback(&project, &release, settings)
                 .await?;
         }
         let attempt = Attempt {
@@ -185,7 +171,7 @@ impl Deployer {
     pub async fn clear_cache(&self) -> Result<ClearReport, DeployError> {
         let _lock = self.layout.lock()?;
         let dirs = self.layout.release_dirs()?;
-        let settings = self.container_settings();
+        let settings = &self.cfg.containers;
         Ok(self
             .engine()
             .await?

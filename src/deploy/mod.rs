@@ -407,12 +407,7 @@ impl Deployer {
                 dir: staged.staging.path(),
                 commit: manifest.commit(),
             };
-            Engine::load_project(
-                &self.cfg.app,
-                &release,
-                &env.vars,
-                &self.container_settings(),
-            )?;
+            Engine::load_project(&self.cfg.app, &release, &env.vars, &self.cfg.containers)?;
         } else if self.cfg.containers.enabled {
             tracing::info!(
                 compose_file = %self.cfg.containers.compose_file,

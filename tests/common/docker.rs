@@ -9,7 +9,8 @@ use std::process::Command;
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
-use deployd::containers::{ContainerSettings, Engine, Project, ReleaseRef};
+use deployd::config::{ContainersConfig, HumanDuration};
+use deployd::containers::{Engine, Project, ReleaseRef};
 
 /// The base image every fixture Dockerfile starts from (no registry is reachable).
 pub const BASE_IMAGE: &str = "deployd-test-busybox:1";
@@ -128,11 +129,11 @@ pub fn http_get(port: u16, path: &str) -> (u16, String) {
 }
 
 /// Test settings: short timeouts.
-pub fn settings() -> ContainerSettings {
-    ContainerSettings {
-        health_timeout: Duration::from_secs(40),
-        health_grace: Duration::from_secs(1),
-        ..ContainerSettings::default()
+pub fn settings() -> ContainersConfig {
+    ContainersConfig {
+        health_timeout: HumanDuration(Duration::from_secs(40)),
+        health_grace: HumanDuration(Duration::from_secs(1)),
+        ..ContainersConfig::default()
     }
 }
 
