@@ -104,19 +104,29 @@ pub fn set_test_aws_env() {
     });
 }
 
+/// A current-thread runtime and an SDK client made by `client` from the test credentials; the
+/// runtime drives the client's calls.
+pub fn sdk<C>(client: impl FnOnce(&aws_config::SdkConfig) -> C) -> (tokio::runtime::Runtime, C) {
+    set_test_aws_env();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let shared = rt.block_on(aws_config::defaults(aws_config::BehaviorVersion::latest()).load());
+    let client = client(&shared);
+    (rt, client)
+}
+
 impl S3 {
     pub fn new() -> S3 {
-        set_test_aws_env();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let client = rt.block_on(async {
-            let shared = aws_config::defaults(aws_config::BehaviorVersion::latest())
-                .load()
-                .await;
-            let conf = aws_sdk_s3::config::Builder::from(&shared)
-                .endpoint_url(&moto().endpoint)
+        Self::at(&moto().endpoint)
+    }
+
+    /// A client for the S3 API at `endpoint` (moto, or a proxy in front of it).
+    pub fn at(endpoint: &str) -> S3 {
+        let (rt, client) = sdk(|shared| {
+            let conf = aws_sdk_s3::config::Builder::from(shared)
+                .endpoint_url(endpoint)
                 .force_path_style(true)
                 .build();
             aws_sdk_s3::Client::from_conf(conf)
