@@ -328,9 +328,8 @@ fn a_storm_of_sighups_causes_at_most_two_deployments() {
 fn sigterm_mid_download_exits_in_time_and_restart_reconciles() {
     let slow = proxy::start(
         &moto().endpoint,
-        proxy::Behaviour {
-            rate: Some(2 << 20),
-            cut_after: None,
+        proxy::Behaviour::Throttle {
+            bytes_per_second: 2 << 20,
         },
     );
     let host = published_host("web/v1.tar.gz", "v1");
@@ -395,10 +394,7 @@ fn sigterm_mid_download_exits_in_time_and_restart_reconciles() {
 fn a_body_that_breaks_off_is_resumed_with_a_range_request() {
     let cutter = proxy::start(
         &moto().endpoint,
-        proxy::Behaviour {
-            rate: None,
-            cut_after: Some(1 << 20),
-        },
+        proxy::Behaviour::CutAfter { bytes: 1 << 20 },
     );
     let host = Host::new();
     host.route_s3_through(&cutter.endpoint);
@@ -409,12 +405,26 @@ fn a_body_that_breaks_off_is_resumed_with_a_range_request() {
         .publish(&host.bucket, "web/r.tar.gz", &body, "cccccccccccccccc");
     let run = host.deploy("web/r.tar.gz", &[]);
     run.ok();
-    assert_eq!(cutter.cuts.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(cutter.cuts(), 1);
     assert!(
         run.stderr.contains("resuming with a range request"),
         "{}",
         run.stderr
     );
+    // The second GET asks only for what the first one did not deliver.
+    let gets: Vec<_> = cutter
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "GET" && r.path.contains("/web/r.tar.gz"))
+        .collect();
+    assert_eq!(gets.len(), 2, "{gets:#?}");
+    assert_eq!(gets[0].header("range"), None, "{gets:#?}");
+    let offset: u64 = gets[1]
+        .header("range")
+        .and_then(|r| r.strip_prefix("bytes=")?.strip_suffix('-')?.parse().ok())
+        .unwrap_or_else(|| panic!("an open-ended Range on the retry: {gets:#?}"));
+    assert!(offset > 0 && offset < 1 << 20, "{offset}");
+    assert_eq!(gets[1].status, Some(206), "{gets:#?}");
     assert_eq!(host.manifest()["sha256"], sha);
     assert_eq!(
         std::fs::read(host.current_dir().join("noise.bin")).unwrap(),

@@ -12,86 +12,17 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use common::proxy::{self, Behaviour, Proxy};
 use common::{S3, app, moto, sha256_hex, unique};
-
-/// Counts HTTP requests (client to server) and 304 answers passing through.
-struct Counter {
-    endpoint: String,
-    requests: Arc<AtomicU64>,
-    not_modified: Arc<AtomicU64>,
-}
-
-fn counting_proxy(upstream: &str) -> Counter {
-    let upstream = upstream.trim_start_matches("http://").to_string();
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let endpoint = format!("http://{}", listener.local_addr().unwrap());
-    let requests = Arc::new(AtomicU64::new(0));
-    let not_modified = Arc::new(AtomicU64::new(0));
-    let (req, nm) = (requests.clone(), not_modified.clone());
-    std::thread::spawn(move || {
-        for client in listener.incoming() {
-            let Ok(client) = client else { continue };
-            let Ok(server) = TcpStream::connect(&upstream) else {
-                continue;
-            };
-            let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
-            let req = req.clone();
-            std::thread::spawn(move || pipe(c2, s2, &req, METHODS));
-            let nm = nm.clone();
-            std::thread::spawn(move || pipe(server, client, &nm, &[b"HTTP/1.1 304"]));
-        }
-    });
-    Counter {
-        endpoint,
-        requests,
-        not_modified,
-    }
-}
-
-const METHODS: &[&[u8]] = &[b"GET /", b"HEAD /", b"PUT /", b"POST /", b"DELETE /"];
-
-/// Copies `from` to `to`, counting lines that start with one of `starts`. The agents send no
-/// request bodies and the answers counted are header lines, so line starts are exact enough.
-fn pipe(mut from: TcpStream, mut to: TcpStream, count: &AtomicU64, starts: &[&[u8]]) {
-    let mut buf = [0u8; 64 * 1024];
-    let mut line_start = true;
-    let mut pending: Vec<u8> = Vec::new();
-    loop {
-        let n = match from.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => n,
-        };
-        for &b in &buf[..n] {
-            if line_start || !pending.is_empty() {
-                pending.push(b);
-                if starts.contains(&pending.as_slice()) {
-                    count.fetch_add(1, Ordering::Relaxed);
-                    pending.clear();
-                } else if !starts.iter().any(|s| s.starts_with(&pending)) {
-                    pending.clear();
-                }
-            }
-            line_start = b == b'\n';
-        }
-        if to.write_all(&buf[..n]).is_err() {
-            break;
-        }
-    }
-    let _ = to.shutdown(Shutdown::Write);
-}
 
 struct Agent {
     dir: PathBuf,
     child: Child,
-    counter: Counter,
+    proxy: Proxy,
 }
 
 impl Agent {
@@ -100,19 +31,26 @@ impl Agent {
         let v: serde_json::Value = serde_json::from_slice(&text).ok()?;
         v["current"]["sha256"].as_str().map(str::to_string)
     }
+
+    /// Requests forwarded so far, and how many of them were answered 304.
+    fn requests(&self) -> (u64, u64) {
+        let requests = self.proxy.requests();
+        let not_modified = requests.iter().filter(|r| r.status == Some(304)).count();
+        (requests.len() as u64, not_modified as u64)
+    }
 }
 
 fn start_agent(root: &Path, i: usize, bucket: &str, poll: &str) -> Agent {
     let dir = root.join(format!("agent-{i:02}"));
     std::fs::create_dir_all(&dir).unwrap();
-    let counter = counting_proxy(&moto().endpoint);
+    let proxy = proxy::start(&moto().endpoint, Behaviour::PassThrough);
     let d = dir.display();
     let config = format!(
         "app = \"web\"\nstate_dir = \"{d}/state\"\nruntime_dir = \"{d}/run\"\nenvironment_file = \"{d}/environment\"\n\n\
          [source]\nbucket = \"{bucket}\"\npointer_key = \"web/prod/current.json\"\nwait_for_artifact = \"30s\"\n\n\
          [s3]\nendpoint_url = \"{}\"\n\n[containers]\nenabled = false\n\n[report]\nec2_tags = false\n\n\
          [triggers]\npoll_interval = \"{poll}\"\n",
-        counter.endpoint
+        proxy.endpoint
     );
     std::fs::write(dir.join("deployd.toml"), config).unwrap();
     let log = std::fs::File::create(dir.join("deployd.log")).unwrap();
@@ -136,11 +74,7 @@ fn start_agent(root: &Path, i: usize, bucket: &str, poll: &str) -> Agent {
         .stderr(log)
         .spawn()
         .unwrap();
-    Agent {
-        dir,
-        child,
-        counter,
-    }
+    Agent { dir, child, proxy }
 }
 
 fn publish(root: &Path, bucket: &str, version: &str, commit: &str) -> String {
@@ -241,21 +175,14 @@ fn fleet_converges_on_the_newest_release() {
 
     // Idle: nothing changes; count what the polls cost.
     std::thread::sleep(Duration::from_secs(2));
-    let before: Vec<(u64, u64)> = agents
-        .iter()
-        .map(|a| {
-            (
-                a.counter.requests.load(Ordering::Relaxed),
-                a.counter.not_modified.load(Ordering::Relaxed),
-            )
-        })
-        .collect();
+    let before: Vec<(u64, u64)> = agents.iter().map(Agent::requests).collect();
     let window = Duration::from_secs(10);
     std::thread::sleep(window);
     let (mut reqs, mut nms) = (0u64, 0u64);
     for (a, (r0, n0)) in agents.iter().zip(&before) {
-        reqs += a.counter.requests.load(Ordering::Relaxed) - r0;
-        nms += a.counter.not_modified.load(Ordering::Relaxed) - n0;
+        let (r, n) = a.requests();
+        reqs += r - r0;
+        nms += n - n0;
     }
     // Polls happen every interval plus up to 25% jitter: 1.125 intervals on average.
     let polls = nms.max(1) as f64;
