@@ -12,24 +12,41 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::daemon::{Daemon, Options};
 use common::proxy::{self, Behaviour, Proxy};
-use common::{S3, app, moto, sha256_hex, unique};
+use common::{Host, app, moto, poll, sha256_hex};
 
+/// One `deployd run`, with its own proxy in front of moto to count what it asks.
 struct Agent {
-    dir: PathBuf,
-    child: Child,
+    host: Host,
     proxy: Proxy,
+    daemon: Daemon,
 }
 
 impl Agent {
+    fn start(bucket: &str, interval: &str) -> Agent {
+        let proxy = proxy::start(&moto().endpoint, Behaviour::PassThrough);
+        let host = Host::in_bucket(
+            bucket,
+            &format!(
+                "bucket = \"{bucket}\"\npointer_key = \"web/prod/current.json\"\nwait_for_artifact = \"30s\""
+            ),
+            &format!("[report]\nec2_tags = false\n\n[triggers]\npoll_interval = \"{interval}\"\n"),
+        );
+        host.route_s3_through(&proxy.endpoint);
+        let daemon = Daemon::start(&host, Options::default());
+        Agent {
+            host,
+            proxy,
+            daemon,
+        }
+    }
+
     fn current_sha(&self) -> Option<String> {
-        let text = std::fs::read(self.dir.join("state/state.json")).ok()?;
-        let v: serde_json::Value = serde_json::from_slice(&text).ok()?;
-        v["current"]["sha256"].as_str().map(str::to_string)
+        let state = self.host.try_state()?;
+        state["current"]["sha256"].as_str().map(str::to_string)
     }
 
     /// Requests forwarded so far, and how many of them were answered 304.
@@ -40,104 +57,37 @@ impl Agent {
     }
 }
 
-fn start_agent(root: &Path, i: usize, bucket: &str, poll: &str) -> Agent {
-    let dir = root.join(format!("agent-{i:02}"));
-    std::fs::create_dir_all(&dir).unwrap();
-    let proxy = proxy::start(&moto().endpoint, Behaviour::PassThrough);
-    let d = dir.display();
-    let config = format!(
-        "app = \"web\"\nstate_dir = \"{d}/state\"\nruntime_dir = \"{d}/run\"\nenvironment_file = \"{d}/environment\"\n\n\
-         [source]\nbucket = \"{bucket}\"\npointer_key = \"web/prod/current.json\"\nwait_for_artifact = \"30s\"\n\n\
-         [s3]\nendpoint_url = \"{}\"\n\n[containers]\nenabled = false\n\n[report]\nec2_tags = false\n\n\
-         [triggers]\npoll_interval = \"{poll}\"\n",
-        proxy.endpoint
-    );
-    std::fs::write(dir.join("deployd.toml"), config).unwrap();
-    let log = std::fs::File::create(dir.join("deployd.log")).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_deployd"))
-        .arg("run")
-        .env("DEPLOYD_CONFIG", dir.join("deployd.toml"))
-        .env("AWS_ACCESS_KEY_ID", "test")
-        .env("AWS_SECRET_ACCESS_KEY", "test")
-        .env("AWS_REGION", "us-east-1")
-        .env("AWS_EC2_METADATA_DISABLED", "true")
-        .env("RUST_LOG", "info")
-        .env_remove("AWS_ENDPOINT_URL")
-        .env_remove("AWS_ENDPOINT_URL_S3")
-        .env_remove("DEPLOYMENT_BUCKET")
-        .env_remove("DEPLOYMENT_KEY")
-        .env_remove("DEPLOYMENT_POINTER")
-        .env_remove("NOTIFY_SOCKET")
-        .env_remove("WATCHDOG_USEC")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    Agent { dir, child, proxy }
+/// Publishes v1, v2 or v3 with `--pointer`: the app and a 256 KiB payload of one byte.
+fn publish(ci: &Host, version: &str, commit: &str) -> String {
+    let body = app(version)
+        .file("./payload.bin", 0o644, &payload(version))
+        .gz();
+    let name = format!("{version}.tar.gz");
+    let args = ["--commit", commit, "--pointer"];
+    ci.publish_bytes(&name, &body, "prod", &args).sha256
 }
 
-fn publish(root: &Path, bucket: &str, version: &str, commit: &str) -> String {
-    let body = app(version)
-        .file(
-            "./payload.bin",
-            0o644,
-            &vec![version.as_bytes()[1]; 256 << 10],
-        )
-        .gz();
-    let file = root.join(format!("{version}.tar.gz"));
-    std::fs::write(&file, &body).unwrap();
-    let config = root.join("ci.toml");
-    std::fs::write(
-        &config,
-        format!("[s3]\nendpoint_url = \"{}\"\n", moto().endpoint),
-    )
-    .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_deployd"))
-        .args(["publish", file.to_str().unwrap(), "--bucket", bucket])
-        .args([
-            "--app",
-            "web",
-            "--environment",
-            "prod",
-            "--commit",
-            commit,
-            "--pointer",
-        ])
-        .env("DEPLOYD_CONFIG", &config)
-        .env("AWS_ACCESS_KEY_ID", "test")
-        .env("AWS_SECRET_ACCESS_KEY", "test")
-        .env("AWS_REGION", "us-east-1")
-        .env("AWS_EC2_METADATA_DISABLED", "true")
-        .env_remove("AWS_ENDPOINT_URL")
-        .env_remove("GITHUB_OUTPUT")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "publish {version}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    sha256_hex(&body)
+fn payload(version: &str) -> Vec<u8> {
+    vec![version.as_bytes()[1]; 256 << 10]
 }
 
 fn wait_all(agents: &[Agent], sha: &str, limit: Duration) -> Duration {
-    let start = Instant::now();
-    loop {
-        let behind = agents
+    let behind = || {
+        agents
             .iter()
             .filter(|a| a.current_sha().as_deref() != Some(sha))
-            .count();
-        if behind == 0 {
-            return start.elapsed();
-        }
-        assert!(
-            start.elapsed() < limit,
-            "{behind} agents did not reach {sha} within {limit:?} (logs under {})",
-            agents[0].dir.parent().unwrap().display()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    };
+    poll(limit, Duration::from_millis(100), || {
+        behind().next().is_none()
+    })
+    .unwrap_or_else(|| {
+        let late: Vec<_> = behind().collect();
+        panic!(
+            "{} agents did not reach {sha} within {limit:?}; the log of one of them:\n{}",
+            late.len(),
+            late[0].daemon.log()
+        )
+    })
 }
 
 #[test]
@@ -149,10 +99,8 @@ fn fleet_converges_on_the_newest_release() {
         .unwrap_or(50);
     let poll = std::env::var("FLEET_POLL").unwrap_or_else(|_| "1s".into());
     let poll_s = humantime::parse_duration(&poll).unwrap().as_secs_f64();
-    let s3 = S3::new();
-    let bucket = unique("fleet");
-    s3.create_bucket(&bucket, true);
-    let root = tempfile::tempdir().unwrap();
+    // The CI machine: it publishes into its bucket, which every agent follows.
+    let ci = Host::with(true, "", "");
 
     let commits = [
         "1111111111111111111111111111111111111111",
@@ -160,13 +108,11 @@ fn fleet_converges_on_the_newest_release() {
         "3333333333333333333333333333333333333333",
     ];
     let mut published: BTreeMap<String, String> = BTreeMap::new(); // sha -> VERSION
-    let sha1 = publish(root.path(), &bucket, "v1", commits[0]);
+    let sha1 = publish(&ci, "v1", commits[0]);
     published.insert(sha1.clone(), "v1".into());
 
     let started = Instant::now();
-    let mut agents: Vec<Agent> = (0..n)
-        .map(|i| start_agent(root.path(), i, &bucket, &poll))
-        .collect();
+    let mut agents: Vec<Agent> = (0..n).map(|_| Agent::start(&ci.bucket, &poll)).collect();
     let first = wait_all(&agents, &sha1, Duration::from_secs(120));
     println!(
         "fleet: {n} agents started and serving v1 after {first:.2?} (spawn included: {:.2?})",
@@ -211,8 +157,9 @@ fn fleet_converges_on_the_newest_release() {
         .enumerate()
     {
         let junk = app(&format!("legacy-{i}")).gz();
-        s3.put(&bucket, legacy, &junk, &[("sha256", &sha256_hex(&junk))]);
-        let sha = publish(root.path(), &bucket, version, commit);
+        ci.s3
+            .put(&ci.bucket, legacy, &junk, &[("sha256", &sha256_hex(&junk))]);
+        let sha = publish(&ci, version, commit);
         published.insert(sha, version.into());
         std::thread::sleep(Duration::from_millis(300));
     }
@@ -230,7 +177,7 @@ fn fleet_converges_on_the_newest_release() {
     // Every release any agent installed is one that was published, with that release's files.
     let mut installed = 0;
     for a in &agents {
-        let releases = a.dir.join("state/releases");
+        let releases = a.host.state_dir().join("releases");
         for entry in std::fs::read_dir(&releases).unwrap().flatten() {
             let m: serde_json::Value = serde_json::from_slice(
                 &std::fs::read(entry.path().join(".deployd-release.json")).unwrap(),
@@ -240,7 +187,7 @@ fn fleet_converges_on_the_newest_release() {
             let version = published.get(sha).unwrap_or_else(|| {
                 panic!(
                     "{} installed an unpublished artifact {sha}",
-                    a.dir.display()
+                    a.host.dir.path().display()
                 )
             });
             assert_eq!(
@@ -251,14 +198,11 @@ fn fleet_converges_on_the_newest_release() {
             );
             assert_eq!(
                 std::fs::read(entry.path().join("payload.bin")).unwrap(),
-                vec![version.as_bytes()[1]; 256 << 10]
+                payload(version)
             );
             installed += 1;
         }
-        let state: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(a.dir.join("state/state.json")).unwrap())
-                .unwrap();
-        for attempt in state["history"].as_array().into_iter().flatten() {
+        for attempt in a.host.state()["history"].as_array().into_iter().flatten() {
             assert_ne!(
                 attempt["key"].as_str(),
                 Some(legacy),
@@ -270,12 +214,11 @@ fn fleet_converges_on_the_newest_release() {
         "fleet: {installed} releases installed across {n} agents, all matching their manifests"
     );
 
-    for a in &mut agents {
-        // SAFETY: plain syscall on our own child.
-        unsafe { libc::kill(a.child.id() as i32, libc::SIGTERM) };
+    for a in &agents {
+        a.daemon.signal(libc::SIGTERM);
     }
     for a in &mut agents {
-        let status = a.child.wait().unwrap();
-        assert!(status.success(), "{} exited with {status}", a.dir.display());
+        let (code, _) = a.daemon.wait_exit(Duration::from_secs(60));
+        assert_eq!(code, 0, "{}", a.daemon.log());
     }
 }
