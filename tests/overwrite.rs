@@ -116,7 +116,7 @@ fn deployments_under_constant_overwrites_never_mix_two_artifacts() {
                 deployed += 1;
                 let m = host.manifest();
                 let sha = m["sha256"].as_str().unwrap().to_string();
-                let version = std::fs::read_to_string(host.current_dir().join("VERSION")).unwrap();
+                let version = host.served_version();
                 let payload = std::fs::read(host.current_dir().join("payload")).unwrap();
                 let expected = if sha == sha_a {
                     "A"
