@@ -2,6 +2,9 @@
 //! `containers_build PROJECT RELEASE_ID DIR [PREV_ID PREV_DIR] [--force]`. Used by
 //! `bench/containers.sh` to compare deployd's builds with the Docker CLI.
 
+// A developer tool: a panic with the error is its error report.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stderr)]
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};

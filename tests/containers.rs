@@ -3,6 +3,9 @@
 //!
 //! Tests run whenever the engine answers, and fail (not skip) when `CI` is set and it does not.
 
+// A test panics to report a failure: unwrap and expect are its assertions.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stderr)]
+
 mod common;
 
 use std::path::Path;

@@ -1,138 +1,26 @@
 //! `deployd run` as systemd runs it: a real child process, a real `NOTIFY_SOCKET` datagram
 //! socket bound by the test, real signals, real trigger files, a real S3 server.
 
+// A test panics to report a failure: unwrap and expect are its assertions.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stderr)]
+
 mod common;
 
-use std::os::linux::net::SocketAddrExt;
-use std::os::unix::net::{SocketAddr, UnixDatagram};
-use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
+use common::daemon::{Daemon, Notify, Options};
 use common::{Host, app, moto, proxy};
 
-struct Daemon {
-    child: Child,
-    sock: UnixDatagram,
-    log: std::path::PathBuf,
+/// `deployd run` with `NOTIFY_SOCKET` pointing at a socket file bound by the test.
+fn start(host: &Host) -> Daemon {
+    Daemon::start(host, Options::default().notify(Notify::Path))
 }
 
-impl Daemon {
-    /// Starts `deployd run` with `NOTIFY_SOCKET` pointing at a socket bound here.
-    fn start(host: &Host, abstract_socket: bool, env: &[(&str, &str)]) -> Daemon {
-        let (sock, address) = if abstract_socket {
-            let name = format!("deployd-test-{}", common::unique("notify"));
-            let sock =
-                UnixDatagram::bind_addr(&SocketAddr::from_abstract_name(&name).unwrap()).unwrap();
-            (sock, format!("@{name}"))
-        } else {
-            let path = host
-                .dir
-                .path()
-                .join(format!("{}.sock", common::unique("notify")));
-            (
-                UnixDatagram::bind(&path).unwrap(),
-                path.display().to_string(),
-            )
-        };
-        sock.set_read_timeout(Some(Duration::from_millis(200)))
-            .unwrap();
-        let log = host
-            .dir
-            .path()
-            .join(format!("{}.log", common::unique("daemon")));
-        let mut cmd = host.command(&["run"]);
-        cmd.env("NOTIFY_SOCKET", &address)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap());
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        Daemon {
-            child: cmd.spawn().unwrap(),
-            sock,
-            log,
-        }
-    }
-
-    /// Collects notifications until one satisfies `done`; panics after `limit`.
-    fn until(&self, limit: Duration, done: impl Fn(&str) -> bool) -> Vec<String> {
-        let start = Instant::now();
-        let mut seen = Vec::new();
-        let mut buf = [0u8; 4096];
-        while start.elapsed() < limit {
-            if let Ok(n) = self.sock.recv(&mut buf) {
-                let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
-                let stop = done(&msg);
-                seen.push(msg);
-                if stop {
-                    return seen;
-                }
-            }
-        }
-        panic!(
-            "no matching notification within {limit:?}; saw {seen:?}\nlog:\n{}",
-            self.log()
-        );
-    }
-
-    fn ready(&self) -> Vec<String> {
-        self.until(Duration::from_secs(30), |m| {
-            m.lines().any(|l| l == "READY=1")
-        })
-    }
-
-    fn signal(&self, sig: i32) {
-        // SAFETY: plain kill(2) on our own child's pid.
-        #[allow(unsafe_code)]
-        unsafe {
-            libc::kill(self.child.id() as i32, sig)
-        };
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Waits for the process to exit; returns its code and how long it took.
-    fn wait_exit(&mut self, limit: Duration) -> (i32, Duration) {
-        let start = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return (status.code().unwrap_or(-1), start.elapsed());
-            }
-            assert!(
-                start.elapsed() < limit,
-                "daemon did not exit within {limit:?}\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn wait_for(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !cond() {
-        assert!(start.elapsed() < limit, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(25));
-    }
-}
-
+/// A host whose environment file names `key`, where `app(version)` was uploaded.
 fn published_host(key: &str, version: &str) -> Host {
     let host = Host::new();
-    host.s3
-        .publish(&host.bucket, key, &app(version).gz(), "0123456789abcdef");
-    host.write_env(&format!(
-        "DEPLOYMENT_BUCKET={}\nDEPLOYMENT_KEY={key}\n",
-        host.bucket
-    ));
+    host.upload(key, &app(version).gz(), "0123456789abcdef");
+    host.write_deployment_env(key);
     host
 }
 
@@ -146,7 +34,7 @@ fn attempts(host: &Host) -> Vec<serde_json::Value> {
 #[test]
 fn notify_sequence_is_ready_reloading_ready_stopping() {
     let host = published_host("web/v1.tar.gz", "v1");
-    let mut d = Daemon::start(&host, false, &[]);
+    let mut d = start(&host);
     let first = d.ready();
     assert!(
         first.iter().any(|m| m.starts_with("STATUS=verifying")),
@@ -160,9 +48,7 @@ fn notify_sequence_is_ready_reloading_ready_stopping() {
     assert!(host.current().is_some());
 
     d.signal(libc::SIGHUP);
-    let reload = d.until(Duration::from_secs(10), |m| {
-        m.lines().any(|l| l == "READY=1")
-    });
+    let reload = d.ready_within(Duration::from_secs(10));
     let reloading = reload
         .iter()
         .position(|m| m.starts_with("RELOADING=1\nMONOTONIC_USEC="))
@@ -175,16 +61,8 @@ fn notify_sequence_is_ready_reloading_ready_stopping() {
         .trim()
         .parse()
         .unwrap();
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes into the timespec we own.
-    #[allow(unsafe_code)]
-    unsafe {
-        libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts)
-    };
-    let now = ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1000;
+    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).unwrap();
+    let now = ts.tv_sec() as u64 * 1_000_000 + ts.tv_nsec() as u64 / 1000;
     assert!(
         now >= usec && now - usec < 10_000_000,
         "MONOTONIC_USEC {usec} vs now {now}"
@@ -199,7 +77,12 @@ fn notify_sequence_is_ready_reloading_ready_stopping() {
 #[test]
 fn abstract_socket_and_watchdog_pings() {
     let host = published_host("web/v1.tar.gz", "v1");
-    let d = Daemon::start(&host, true, &[("WATCHDOG_USEC", "300000")]);
+    let d = Daemon::start(
+        &host,
+        Options::default()
+            .notify(Notify::Abstract)
+            .env("WATCHDOG_USEC", "300000"),
+    );
     d.ready();
     let start = Instant::now();
     for _ in 0..3 {
@@ -216,36 +99,17 @@ fn abstract_socket_and_watchdog_pings() {
 #[test]
 fn trigger_files_redeploy_and_hostile_ones_are_rejected() {
     let host = published_host("web/v1.tar.gz", "v1");
-    host.s3.publish(
-        &host.bucket,
-        "web/v2.tar.gz",
-        &app("v2").gz(),
-        "2222222222222222",
-    );
-    host.s3.publish(
-        &host.bucket,
-        "web/v3.tar.gz",
-        &app("v3").gz(),
-        "3333333333333333",
-    );
-    let mut d = Daemon::start(&host, false, &[]);
+    host.upload("web/v2.tar.gz", &app("v2").gz(), "2222222222222222");
+    host.upload("web/v3.tar.gz", &app("v3").gz(), "3333333333333333");
+    let mut d = start(&host);
     d.ready();
     let triggers = host.dir.path().join("run/triggers");
 
     // `deployd trigger` drops a file; the daemon deploys the key it names.
     let dropped = Instant::now();
-    host.run(&[
-        "trigger",
-        "--bucket",
-        &host.bucket,
-        "--key",
-        "web/v2.tar.gz",
-        "--reason",
-        "test",
-    ])
-    .ok();
+    host.trigger("web/v2.tar.gz", &["--reason", "test"]).ok();
     let mut started = None;
-    wait_for(Duration::from_secs(15), "v2 to serve", || {
+    d.wait_for(Duration::from_secs(15), "v2 to serve", || {
         if started.is_none()
             && std::fs::read_to_string(host.dir.path().join("run/status.json"))
                 .is_ok_and(|s| s.contains("web/v2.tar.gz"))
@@ -266,7 +130,7 @@ fn trigger_files_redeploy_and_hostile_ones_are_rejected() {
     std::os::unix::fs::chown(&owned, Some(12345), Some(12345)).unwrap();
     std::fs::rename(&owned, triggers.join("owned.toml")).unwrap();
     let rejected = triggers.join("rejected");
-    wait_for(Duration::from_secs(10), "five rejections", || {
+    d.wait_for(Duration::from_secs(10), "five rejections", || {
         std::fs::read_dir(&rejected)
             .map(|rd| {
                 rd.flatten()
@@ -278,34 +142,20 @@ fn trigger_files_redeploy_and_hostile_ones_are_rejected() {
     });
     let note = std::fs::read_to_string(rejected.join("owned.toml.error")).unwrap();
     assert!(note.contains("12345"), "{note}");
-    assert!(
-        d.child.try_wait().unwrap().is_none(),
-        "daemon still running"
-    );
+    assert!(d.is_running(), "daemon still running");
 
-    host.run(&[
-        "trigger",
-        "--bucket",
-        &host.bucket,
-        "--key",
-        "web/v3.tar.gz",
-    ])
-    .ok();
-    wait_for(Duration::from_secs(15), "v3 to serve", || {
+    host.trigger("web/v3.tar.gz", &[]).ok();
+    d.wait_for(Duration::from_secs(15), "v3 to serve", || {
         host.state()["current"]["key"] == "web/v3.tar.gz"
     });
-    assert_eq!(
-        std::fs::read_to_string(host.current_dir().join("VERSION")).unwrap(),
-        "v3"
-    );
-    d.signal(libc::SIGTERM);
-    assert_eq!(d.wait_exit(Duration::from_secs(10)).0, 0);
+    assert_eq!(host.served_version(), "v3");
+    assert_eq!(d.stop(Duration::from_secs(10)), 0);
 }
 
 #[test]
 fn a_storm_of_sighups_causes_at_most_two_deployments() {
     let host = published_host("web/v1.tar.gz", "v1");
-    let d = Daemon::start(&host, false, &[]);
+    let d = start(&host);
     d.ready();
     let before = attempts(&host).len();
     let start = Instant::now();
@@ -314,9 +164,7 @@ fn a_storm_of_sighups_causes_at_most_two_deployments() {
     }
     assert!(start.elapsed() < Duration::from_secs(1));
     // Let every queued deployment finish: READY=1 follows the last one.
-    d.until(Duration::from_secs(15), |m| {
-        m.lines().any(|l| l == "READY=1")
-    });
+    d.ready_within(Duration::from_secs(15));
     std::thread::sleep(Duration::from_secs(2));
     let after = attempts(&host);
     let storm: Vec<_> = after[..after.len() - before]
@@ -334,9 +182,8 @@ fn a_storm_of_sighups_causes_at_most_two_deployments() {
 fn sigterm_mid_download_exits_in_time_and_restart_reconciles() {
     let slow = proxy::start(
         &moto().endpoint,
-        proxy::Behaviour {
-            rate: Some(2 << 20),
-            cut_after: None,
+        proxy::Behaviour::Throttle {
+            bytes_per_second: 2 << 20,
         },
     );
     let host = published_host("web/v1.tar.gz", "v1");
@@ -344,21 +191,13 @@ fn sigterm_mid_download_exits_in_time_and_restart_reconciles() {
     host.route_s3_through(&slow.endpoint);
     let noise = common::noise(7, 12 << 20);
     let big = app("big").file("./noise.bin", 0o644, &noise).gz();
-    host.s3
-        .publish(&host.bucket, "web/big.tar.gz", &big, "bbbbbbbbbbbbbbbb");
+    host.upload("web/big.tar.gz", &big, "bbbbbbbbbbbbbbbb");
 
-    let mut d = Daemon::start(&host, false, &[]);
+    let mut d = start(&host);
     d.ready();
     let v1 = host.current().unwrap();
-    host.run(&[
-        "trigger",
-        "--bucket",
-        &host.bucket,
-        "--key",
-        "web/big.tar.gz",
-    ])
-    .ok();
-    wait_for(
+    host.trigger("web/big.tar.gz", &[]).ok();
+    d.wait_for(
         Duration::from_secs(15),
         "the download to be under way",
         || {
@@ -389,7 +228,7 @@ fn sigterm_mid_download_exits_in_time_and_restart_reconciles() {
     let mut state = host.state();
     state["current"]["id"] = "nonsense".into();
     std::fs::write(host.state_dir().join("state.json"), state.to_string()).unwrap();
-    let d = Daemon::start(&host, false, &[]);
+    let d = start(&host);
     d.ready();
     assert_eq!(host.staging_entries(), 0);
     assert_eq!(host.current().as_deref(), Some(v1.as_str()));
@@ -401,26 +240,35 @@ fn sigterm_mid_download_exits_in_time_and_restart_reconciles() {
 fn a_body_that_breaks_off_is_resumed_with_a_range_request() {
     let cutter = proxy::start(
         &moto().endpoint,
-        proxy::Behaviour {
-            rate: None,
-            cut_after: Some(1 << 20),
-        },
+        proxy::Behaviour::CutAfter { bytes: 1 << 20 },
     );
     let host = Host::new();
     host.route_s3_through(&cutter.endpoint);
     let noise = common::noise(3, 4 << 20);
     let body = app("resumed").file("./noise.bin", 0o644, &noise).gz();
-    let sha = host
-        .s3
-        .publish(&host.bucket, "web/r.tar.gz", &body, "cccccccccccccccc");
+    let sha = host.upload("web/r.tar.gz", &body, "cccccccccccccccc");
     let run = host.deploy("web/r.tar.gz", &[]);
     run.ok();
-    assert_eq!(cutter.cuts.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(cutter.cuts(), 1);
     assert!(
         run.stderr.contains("resuming with a range request"),
         "{}",
         run.stderr
     );
+    // The second GET asks only for what the first one did not deliver.
+    let gets: Vec<_> = cutter
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "GET" && r.path.contains("/web/r.tar.gz"))
+        .collect();
+    assert_eq!(gets.len(), 2, "{gets:#?}");
+    assert_eq!(gets[0].header("range"), None, "{gets:#?}");
+    let offset: u64 = gets[1]
+        .header("range")
+        .and_then(|r| r.strip_prefix("bytes=")?.strip_suffix('-')?.parse().ok())
+        .unwrap_or_else(|| panic!("an open-ended Range on the retry: {gets:#?}"));
+    assert!(offset > 0 && offset < 1 << 20, "{offset}");
+    assert_eq!(gets[1].status, Some(206), "{gets:#?}");
     assert_eq!(host.manifest()["sha256"], sha);
     assert_eq!(
         std::fs::read(host.current_dir().join("noise.bin")).unwrap(),
@@ -431,11 +279,8 @@ fn a_body_that_breaks_off_is_resumed_with_a_range_request() {
 #[test]
 fn status_wait_follows_the_daemons_first_deployment() {
     let host = Host::new();
-    host.write_env(&format!(
-        "DEPLOYMENT_BUCKET={}\nDEPLOYMENT_KEY=web/missing.tar.gz\n",
-        host.bucket
-    ));
-    let d = Daemon::start(&host, false, &[]);
+    host.write_deployment_env("web/missing.tar.gz");
+    let d = start(&host);
     let run = host.run(&["status", "--wait", "--timeout", "30s"]);
     assert_eq!(
         run.code, 66,
@@ -446,7 +291,7 @@ fn status_wait_follows_the_daemons_first_deployment() {
     drop(d);
 
     let host = published_host("web/v1.tar.gz", "v1");
-    let _d = Daemon::start(&host, false, &[]);
+    let _d = start(&host);
     let run = host.run(&["status", "--wait", "--timeout", "30s"]);
     run.ok();
     assert!(run.stdout.contains("serving"), "{}", run.stdout);
@@ -455,20 +300,13 @@ fn status_wait_follows_the_daemons_first_deployment() {
 #[test]
 fn an_invalid_config_on_sighup_is_refused_and_the_old_one_kept() {
     let host = published_host("web/v1.tar.gz", "v1");
-    host.s3.publish(
-        &host.bucket,
-        "web/v2.tar.gz",
-        &app("v2").gz(),
-        "2222222222222222",
-    );
-    let d = Daemon::start(&host, false, &[]);
+    host.upload("web/v2.tar.gz", &app("v2").gz(), "2222222222222222");
+    let d = start(&host);
     d.ready();
     let good = std::fs::read_to_string(&host.config).unwrap();
     std::fs::write(&host.config, format!("{good}\n[nonsense]\nx = 1\n")).unwrap();
     d.signal(libc::SIGHUP);
-    let msgs = d.until(Duration::from_secs(10), |m| {
-        m.lines().any(|l| l == "READY=1")
-    });
+    let msgs = d.ready_within(Duration::from_secs(10));
     assert!(
         msgs.iter().any(|m| m.contains("config reload failed")),
         "{msgs:?}"
@@ -476,15 +314,8 @@ fn an_invalid_config_on_sighup_is_refused_and_the_old_one_kept() {
     assert!(d.log().contains("keeping the running one"), "{}", d.log());
     // The running config (with its S3 endpoint and state dir) still works.
     std::fs::write(&host.config, &good).unwrap();
-    host.run(&[
-        "trigger",
-        "--bucket",
-        &host.bucket,
-        "--key",
-        "web/v2.tar.gz",
-    ])
-    .ok();
-    wait_for(Duration::from_secs(15), "v2 to serve", || {
+    host.trigger("web/v2.tar.gz", &[]).ok();
+    d.wait_for(Duration::from_secs(15), "v2 to serve", || {
         host.state()["current"]["key"] == "web/v2.tar.gz"
     });
 }

@@ -2,6 +2,9 @@
 //! it on the real Docker engine, and every way a release can go wrong after activation.
 //! Runs whenever the engine answers; mandatory when `CI` is set.
 
+// A test panics to report a failure: unwrap and expect are its assertions.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stderr)]
+
 mod common;
 
 use common::docker::{App, Variant, engine, http_get};

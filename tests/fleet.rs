@@ -9,201 +9,88 @@
 //!
 //! Ignored by default (it starts 50 processes); run it with `bench/fleet.sh`.
 
+// A test panics to report a failure: unwrap and expect are its assertions.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stderr)]
+
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{S3, app, moto, sha256_hex, unique};
+use common::daemon::{Daemon, Options};
+use common::proxy::{self, Behaviour, Proxy};
+use common::{Host, app, moto, poll, sha256_hex};
 
-/// Counts HTTP requests (client to server) and 304 answers passing through.
-struct Counter {
-    endpoint: String,
-    requests: Arc<AtomicU64>,
-    not_modified: Arc<AtomicU64>,
-}
-
-fn counting_proxy(upstream: &str) -> Counter {
-    let upstream = upstream.trim_start_matches("http://").to_string();
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let endpoint = format!("http://{}", listener.local_addr().unwrap());
-    let requests = Arc::new(AtomicU64::new(0));
-    let not_modified = Arc::new(AtomicU64::new(0));
-    let (req, nm) = (requests.clone(), not_modified.clone());
-    std::thread::spawn(move || {
-        for client in listener.incoming() {
-            let Ok(client) = client else { continue };
-            let Ok(server) = TcpStream::connect(&upstream) else {
-                continue;
-            };
-            let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
-            let req = req.clone();
-            std::thread::spawn(move || pipe(c2, s2, &req, METHODS));
-            let nm = nm.clone();
-            std::thread::spawn(move || pipe(server, client, &nm, &[b"HTTP/1.1 304"]));
-        }
-    });
-    Counter {
-        endpoint,
-        requests,
-        not_modified,
-    }
-}
-
-const METHODS: &[&[u8]] = &[b"GET /", b"HEAD /", b"PUT /", b"POST /", b"DELETE /"];
-
-/// Copies `from` to `to`, counting lines that start with one of `starts`. The agents send no
-/// request bodies and the answers counted are header lines, so line starts are exact enough.
-fn pipe(mut from: TcpStream, mut to: TcpStream, count: &AtomicU64, starts: &[&[u8]]) {
-    let mut buf = [0u8; 64 * 1024];
-    let mut line_start = true;
-    let mut pending: Vec<u8> = Vec::new();
-    loop {
-        let n = match from.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => n,
-        };
-        for &b in &buf[..n] {
-            if line_start || !pending.is_empty() {
-                pending.push(b);
-                if starts.contains(&pending.as_slice()) {
-                    count.fetch_add(1, Ordering::Relaxed);
-                    pending.clear();
-                } else if !starts.iter().any(|s| s.starts_with(&pending)) {
-                    pending.clear();
-                }
-            }
-            line_start = b == b'\n';
-        }
-        if to.write_all(&buf[..n]).is_err() {
-            break;
-        }
-    }
-    let _ = to.shutdown(Shutdown::Write);
-}
-
+/// One `deployd run`, with its own proxy in front of moto to count what it asks.
 struct Agent {
-    dir: PathBuf,
-    child: Child,
-    counter: Counter,
+    host: Host,
+    proxy: Proxy,
+    daemon: Daemon,
 }
 
 impl Agent {
+    fn start(bucket: &str, interval: &str) -> Agent {
+        let proxy = proxy::start(&moto().endpoint, Behaviour::PassThrough);
+        let host = Host::in_bucket(
+            bucket,
+            &format!(
+                "bucket = \"{bucket}\"\npointer_key = \"web/prod/current.json\"\nwait_for_artifact = \"30s\""
+            ),
+            &format!("[report]\nec2_tags = false\n\n[triggers]\npoll_interval = \"{interval}\"\n"),
+        );
+        host.route_s3_through(&proxy.endpoint);
+        let daemon = Daemon::start(&host, Options::default());
+        Agent {
+            host,
+            proxy,
+            daemon,
+        }
+    }
+
     fn current_sha(&self) -> Option<String> {
-        let text = std::fs::read(self.dir.join("state/state.json")).ok()?;
-        let v: serde_json::Value = serde_json::from_slice(&text).ok()?;
-        v["current"]["sha256"].as_str().map(str::to_string)
+        let state = self.host.try_state()?;
+        state["current"]["sha256"].as_str().map(str::to_string)
+    }
+
+    /// Requests forwarded so far, and how many of them were answered 304.
+    fn requests(&self) -> (u64, u64) {
+        let requests = self.proxy.requests();
+        let not_modified = requests.iter().filter(|r| r.status == Some(304)).count();
+        (requests.len() as u64, not_modified as u64)
     }
 }
 
-fn start_agent(root: &Path, i: usize, bucket: &str, poll: &str) -> Agent {
-    let dir = root.join(format!("agent-{i:02}"));
-    std::fs::create_dir_all(&dir).unwrap();
-    let counter = counting_proxy(&moto().endpoint);
-    let d = dir.display();
-    let config = format!(
-        "app = \"web\"\nstate_dir = \"{d}/state\"\nruntime_dir = \"{d}/run\"\nenvironment_file = \"{d}/environment\"\n\n\
-         [source]\nbucket = \"{bucket}\"\npointer_key = \"web/prod/current.json\"\nwait_for_artifact = \"30s\"\n\n\
-         [s3]\nendpoint_url = \"{}\"\n\n[containers]\nenabled = false\n\n[report]\nec2_tags = false\n\n\
-         [triggers]\npoll_interval = \"{poll}\"\n",
-        counter.endpoint
-    );
-    std::fs::write(dir.join("deployd.toml"), config).unwrap();
-    let log = std::fs::File::create(dir.join("deployd.log")).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_deployd"))
-        .arg("run")
-        .env("DEPLOYD_CONFIG", dir.join("deployd.toml"))
-        .env("AWS_ACCESS_KEY_ID", "test")
-        .env("AWS_SECRET_ACCESS_KEY", "test")
-        .env("AWS_REGION", "us-east-1")
-        .env("AWS_EC2_METADATA_DISABLED", "true")
-        .env("RUST_LOG", "info")
-        .env_remove("AWS_ENDPOINT_URL")
-        .env_remove("AWS_ENDPOINT_URL_S3")
-        .env_remove("DEPLOYMENT_BUCKET")
-        .env_remove("DEPLOYMENT_KEY")
-        .env_remove("DEPLOYMENT_POINTER")
-        .env_remove("NOTIFY_SOCKET")
-        .env_remove("WATCHDOG_USEC")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    Agent {
-        dir,
-        child,
-        counter,
-    }
-}
-
-fn publish(root: &Path, bucket: &str, version: &str, commit: &str) -> String {
+/// Publishes v1, v2 or v3 with `--pointer`: the app and a 256 KiB payload of one byte.
+fn publish(ci: &Host, version: &str, commit: &str) -> String {
     let body = app(version)
-        .file(
-            "./payload.bin",
-            0o644,
-            &vec![version.as_bytes()[1]; 256 << 10],
-        )
+        .file("./payload.bin", 0o644, &payload(version))
         .gz();
-    let file = root.join(format!("{version}.tar.gz"));
-    std::fs::write(&file, &body).unwrap();
-    let config = root.join("ci.toml");
-    std::fs::write(
-        &config,
-        format!("[s3]\nendpoint_url = \"{}\"\n", moto().endpoint),
-    )
-    .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_deployd"))
-        .args(["publish", file.to_str().unwrap(), "--bucket", bucket])
-        .args([
-            "--app",
-            "web",
-            "--environment",
-            "prod",
-            "--commit",
-            commit,
-            "--pointer",
-        ])
-        .env("DEPLOYD_CONFIG", &config)
-        .env("AWS_ACCESS_KEY_ID", "test")
-        .env("AWS_SECRET_ACCESS_KEY", "test")
-        .env("AWS_REGION", "us-east-1")
-        .env("AWS_EC2_METADATA_DISABLED", "true")
-        .env_remove("AWS_ENDPOINT_URL")
-        .env_remove("GITHUB_OUTPUT")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "publish {version}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    sha256_hex(&body)
+    let name = format!("{version}.tar.gz");
+    let args = ["--commit", commit, "--pointer"];
+    ci.publish_bytes(&name, &body, "prod", &args).sha256
+}
+
+fn payload(version: &str) -> Vec<u8> {
+    vec![version.as_bytes()[1]; 256 << 10]
 }
 
 fn wait_all(agents: &[Agent], sha: &str, limit: Duration) -> Duration {
-    let start = Instant::now();
-    loop {
-        let behind = agents
+    let behind = || {
+        agents
             .iter()
             .filter(|a| a.current_sha().as_deref() != Some(sha))
-            .count();
-        if behind == 0 {
-            return start.elapsed();
-        }
-        assert!(
-            start.elapsed() < limit,
-            "{behind} agents did not reach {sha} within {limit:?} (logs under {})",
-            agents[0].dir.parent().unwrap().display()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    };
+    poll(limit, Duration::from_millis(100), || {
+        behind().next().is_none()
+    })
+    .unwrap_or_else(|| {
+        let late: Vec<_> = behind().collect();
+        panic!(
+            "{} agents did not reach {sha} within {limit:?}; the log of one of them:\n{}",
+            late.len(),
+            late[0].daemon.log()
+        )
+    })
 }
 
 #[test]
@@ -215,10 +102,8 @@ fn fleet_converges_on_the_newest_release() {
         .unwrap_or(50);
     let poll = std::env::var("FLEET_POLL").unwrap_or_else(|_| "1s".into());
     let poll_s = humantime::parse_duration(&poll).unwrap().as_secs_f64();
-    let s3 = S3::new();
-    let bucket = unique("fleet");
-    s3.create_bucket(&bucket, true);
-    let root = tempfile::tempdir().unwrap();
+    // The CI machine: it publishes into its bucket, which every agent follows.
+    let ci = Host::with(true, "", "");
 
     let commits = [
         "1111111111111111111111111111111111111111",
@@ -226,13 +111,11 @@ fn fleet_converges_on_the_newest_release() {
         "3333333333333333333333333333333333333333",
     ];
     let mut published: BTreeMap<String, String> = BTreeMap::new(); // sha -> VERSION
-    let sha1 = publish(root.path(), &bucket, "v1", commits[0]);
+    let sha1 = publish(&ci, "v1", commits[0]);
     published.insert(sha1.clone(), "v1".into());
 
     let started = Instant::now();
-    let mut agents: Vec<Agent> = (0..n)
-        .map(|i| start_agent(root.path(), i, &bucket, &poll))
-        .collect();
+    let mut agents: Vec<Agent> = (0..n).map(|_| Agent::start(&ci.bucket, &poll)).collect();
     let first = wait_all(&agents, &sha1, Duration::from_secs(120));
     println!(
         "fleet: {n} agents started and serving v1 after {first:.2?} (spawn included: {:.2?})",
@@ -241,21 +124,14 @@ fn fleet_converges_on_the_newest_release() {
 
     // Idle: nothing changes; count what the polls cost.
     std::thread::sleep(Duration::from_secs(2));
-    let before: Vec<(u64, u64)> = agents
-        .iter()
-        .map(|a| {
-            (
-                a.counter.requests.load(Ordering::Relaxed),
-                a.counter.not_modified.load(Ordering::Relaxed),
-            )
-        })
-        .collect();
+    let before: Vec<(u64, u64)> = agents.iter().map(Agent::requests).collect();
     let window = Duration::from_secs(10);
     std::thread::sleep(window);
     let (mut reqs, mut nms) = (0u64, 0u64);
     for (a, (r0, n0)) in agents.iter().zip(&before) {
-        reqs += a.counter.requests.load(Ordering::Relaxed) - r0;
-        nms += a.counter.not_modified.load(Ordering::Relaxed) - n0;
+        let (r, n) = a.requests();
+        reqs += r - r0;
+        nms += n - n0;
     }
     // Polls happen every interval plus up to 25% jitter: 1.125 intervals on average.
     let polls = nms.max(1) as f64;
@@ -284,8 +160,9 @@ fn fleet_converges_on_the_newest_release() {
         .enumerate()
     {
         let junk = app(&format!("legacy-{i}")).gz();
-        s3.put(&bucket, legacy, &junk, &[("sha256", &sha256_hex(&junk))]);
-        let sha = publish(root.path(), &bucket, version, commit);
+        ci.s3
+            .put(&ci.bucket, legacy, &junk, &[("sha256", &sha256_hex(&junk))]);
+        let sha = publish(&ci, version, commit);
         published.insert(sha, version.into());
         std::thread::sleep(Duration::from_millis(300));
     }
@@ -303,7 +180,7 @@ fn fleet_converges_on_the_newest_release() {
     // Every release any agent installed is one that was published, with that release's files.
     let mut installed = 0;
     for a in &agents {
-        let releases = a.dir.join("state/releases");
+        let releases = a.host.state_dir().join("releases");
         for entry in std::fs::read_dir(&releases).unwrap().flatten() {
             let m: serde_json::Value = serde_json::from_slice(
                 &std::fs::read(entry.path().join(".deployd-release.json")).unwrap(),
@@ -313,7 +190,7 @@ fn fleet_converges_on_the_newest_release() {
             let version = published.get(sha).unwrap_or_else(|| {
                 panic!(
                     "{} installed an unpublished artifact {sha}",
-                    a.dir.display()
+                    a.host.dir.path().display()
                 )
             });
             assert_eq!(
@@ -324,14 +201,11 @@ fn fleet_converges_on_the_newest_release() {
             );
             assert_eq!(
                 std::fs::read(entry.path().join("payload.bin")).unwrap(),
-                vec![version.as_bytes()[1]; 256 << 10]
+                payload(version)
             );
             installed += 1;
         }
-        let state: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(a.dir.join("state/state.json")).unwrap())
-                .unwrap();
-        for attempt in state["history"].as_array().into_iter().flatten() {
+        for attempt in a.host.state()["history"].as_array().into_iter().flatten() {
             assert_ne!(
                 attempt["key"].as_str(),
                 Some(legacy),
@@ -343,15 +217,11 @@ fn fleet_converges_on_the_newest_release() {
         "fleet: {installed} releases installed across {n} agents, all matching their manifests"
     );
 
-    for a in &mut agents {
-        // SAFETY: plain syscall on our own child.
-        #[allow(unsafe_code)]
-        unsafe {
-            libc::kill(a.child.id() as i32, libc::SIGTERM)
-        };
+    for a in &agents {
+        a.daemon.signal(libc::SIGTERM);
     }
     for a in &mut agents {
-        let status = a.child.wait().unwrap();
-        assert!(status.success(), "{} exited with {status}", a.dir.display());
+        let (code, _) = a.daemon.wait_exit(Duration::from_secs(60));
+        assert_eq!(code, 0, "{}", a.daemon.log());
     }
 }

@@ -2,6 +2,9 @@
 //! The download is pinned to what `verify` saw, so a deployment gets exactly one artifact's
 //! bytes or refuses; it never mixes two.
 
+// A test panics to report a failure: unwrap and expect are its assertions.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stderr)]
+
 mod common;
 
 use std::sync::Arc;
@@ -109,7 +112,7 @@ fn deployments_under_constant_overwrites_never_mix_two_artifacts() {
                 deployed += 1;
                 let m = host.manifest();
                 let sha = m["sha256"].as_str().unwrap().to_string();
-                let version = std::fs::read_to_string(host.current_dir().join("VERSION")).unwrap();
+                let version = host.served_version();
                 let payload = std::fs::read(host.current_dir().join("payload")).unwrap();
                 let expected = if sha == sha_a {
                     "A"

@@ -15,6 +15,9 @@
 //! and skips it with a printed reason otherwise; `packaging/check.sh
 //! --install-deps` installs all of them.
 
+// A test panics to report a failure: unwrap and expect are its assertions.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stderr)]
+
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::fs;

@@ -1,6 +1,9 @@
 //! The artifact pipeline end to end: the real `deployd` binary against a real S3-compatible
 //! server (moto) on loopback.
 
+// A test panics to report a failure: unwrap and expect are its assertions.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stderr)]
+
 mod common;
 
 use std::os::unix::fs::PermissionsExt;
@@ -16,12 +19,7 @@ fn happy_path_unpacks_files_modes_links_and_manifest() {
         .dir("./data", 0o700)
         .file("./data/big.bin", 0o600, &vec![7u8; 3 << 20])
         .gz();
-    let sha = host.s3.publish(
-        &host.bucket,
-        "web/prod/622d2103-1/web.tar.gz",
-        &body,
-        "622d2103deadbeef",
-    );
+    let sha = host.upload("web/prod/622d2103-1/web.tar.gz", &body, "622d2103deadbeef");
     let run = host.deploy("web/prod/622d2103-1/web.tar.gz", &["--no-containers"]);
     run.ok();
     let id = host.current().expect("current points at a release");
@@ -109,8 +107,7 @@ fn environment_file_is_a_source_and_its_sha256_is_enforced() {
 fn config_file_is_a_source() {
     let host = Host::new();
     let body = app("cfg").zst();
-    host.s3
-        .publish(&host.bucket, "web/cfg.tar.zst", &body, "abcdef0123456789");
+    host.upload("web/cfg.tar.zst", &body, "abcdef0123456789");
     host.write_config(
         &format!("bucket = \"{}\"\nkey = \"web/cfg.tar.zst\"", host.bucket),
         "",
@@ -118,10 +115,7 @@ fn config_file_is_a_source() {
     let run = host.run(&["deploy"]);
     run.ok();
     assert_eq!(host.manifest()["compression"], "zstd");
-    assert_eq!(
-        std::fs::read_to_string(host.current_dir().join("VERSION")).unwrap(),
-        "cfg"
-    );
+    assert_eq!(host.served_version(), "cfg");
     let check = host.run(&["check-config"]);
     check.ok();
     assert!(
@@ -191,12 +185,7 @@ fn artifact_uploaded_while_waiting_is_deployed() {
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_secs(3));
-    host.s3.publish(
-        &host.bucket,
-        "web/late.tar.gz",
-        &app("late").gz(),
-        "1234567890abcdef",
-    );
+    host.upload("web/late.tar.gz", &app("late").gz(), "1234567890abcdef");
     let run = common::Run::from(child.wait_with_output().unwrap());
     run.ok();
     assert!(
@@ -204,10 +193,7 @@ fn artifact_uploaded_while_waiting_is_deployed() {
         "{}",
         run.stderr
     );
-    assert_eq!(
-        std::fs::read_to_string(host.current_dir().join("VERSION")).unwrap(),
-        "late"
-    );
+    assert_eq!(host.served_version(), "late");
 }
 
 #[test]
@@ -258,12 +244,7 @@ fn missing_artifact_exits_66_and_lists_the_newest_keys() {
 #[test]
 fn checksum_mismatch_from_metadata_or_s3_checksum_activates_nothing() {
     let host = Host::new();
-    host.s3.publish(
-        &host.bucket,
-        "web/good.tar.gz",
-        &app("good").gz(),
-        "1111111111111111",
-    );
+    host.upload("web/good.tar.gz", &app("good").gz(), "1111111111111111");
     host.deploy("web/good.tar.gz", &[]).ok();
     let good = host.current();
 
@@ -285,21 +266,13 @@ fn checksum_mismatch_from_metadata_or_s3_checksum_activates_nothing() {
     assert_eq!(host.current(), good);
     assert_eq!(host.releases().len(), 1);
     assert_eq!(host.staging_entries(), 0);
-    assert_eq!(
-        std::fs::read_to_string(host.current_dir().join("VERSION")).unwrap(),
-        "good"
-    );
+    assert_eq!(host.served_version(), "good");
 }
 
 #[test]
 fn broken_artifacts_exit_65_and_leave_the_serving_release() {
     let host = Host::new();
-    host.s3.publish(
-        &host.bucket,
-        "web/good.tar.gz",
-        &app("good").gz(),
-        "1111111111111111",
-    );
+    host.upload("web/good.tar.gz", &app("good").gz(), "1111111111111111");
     host.deploy("web/good.tar.gz", &[]).ok();
     let good = host.current();
 
@@ -347,12 +320,7 @@ fn hostile_archives_are_refused_and_nothing_escapes() {
         "",
         "[unpack]\nmax_entries = 50\nmax_bytes = \"1MiB\"\nmax_path_len = 120\n",
     );
-    host.s3.publish(
-        &host.bucket,
-        "web/good.tar.gz",
-        &app("good").gz(),
-        "1111111111111111",
-    );
+    host.upload("web/good.tar.gz", &app("good").gz(), "1111111111111111");
     host.deploy("web/good.tar.gz", &[]).ok();
     let good = host.current();
     let outside = host.dir.path().join("outside");
@@ -489,10 +457,7 @@ fn hostile_archives_are_refused_and_nothing_escapes() {
         assert!(escaped.is_empty(), "{name}: found {escaped:?}");
     }
     assert_eq!(host.releases().len(), 1);
-    assert_eq!(
-        std::fs::read_to_string(host.current_dir().join("VERSION")).unwrap(),
-        "good"
-    );
+    assert_eq!(host.served_version(), "good");
 }
 
 #[test]
@@ -525,12 +490,7 @@ fn bad_config_exits_78_naming_the_key() {
 #[test]
 fn redeploying_the_same_artifact_is_a_no_op_unless_forced() {
     let host = Host::new();
-    host.s3.publish(
-        &host.bucket,
-        "web/a.tar.gz",
-        &app("a").gz(),
-        "aaaaaaaaaaaaaaaa",
-    );
+    host.upload("web/a.tar.gz", &app("a").gz(), "aaaaaaaaaaaaaaaa");
     host.deploy("web/a.tar.gz", &[]).ok();
     let first = host.current();
     let run = host.deploy("web/a.tar.gz", &[]);
@@ -550,12 +510,7 @@ fn retention_keeps_n_releases_and_rollback_switches_back() {
     let mut ids = Vec::new();
     for v in ["v1", "v2", "v3", "v4"] {
         let key = format!("web/{v}.tar.gz");
-        host.s3.publish(
-            &host.bucket,
-            &key,
-            &app(v).gz(),
-            &format!("{v}{v}{v}{v}abcdef"),
-        );
+        host.upload(&key, &app(v).gz(), &format!("{v}{v}{v}{v}abcdef"));
         host.deploy(&key, &[]).ok();
         ids.push(host.current().unwrap());
     }
@@ -563,10 +518,7 @@ fn retention_keeps_n_releases_and_rollback_switches_back() {
     let run = host.run(&["rollback"]);
     run.ok();
     assert_eq!(host.current().as_deref(), Some(ids[2].as_str()));
-    assert_eq!(
-        std::fs::read_to_string(host.current_dir().join("VERSION")).unwrap(),
-        "v3"
-    );
+    assert_eq!(host.served_version(), "v3");
     let state = host.state();
     assert_eq!(state["previous_good"]["id"], ids[3].as_str());
     assert_eq!(state["last_attempt"]["outcome"], "rolled-back");
@@ -581,12 +533,7 @@ fn retention_keeps_n_releases_and_rollback_switches_back() {
 #[test]
 fn status_wait_reports_the_last_result() {
     let host = Host::new();
-    host.s3.publish(
-        &host.bucket,
-        "web/a.tar.gz",
-        &app("a").gz(),
-        "aaaaaaaaaaaaaaaa",
-    );
+    host.upload("web/a.tar.gz", &app("a").gz(), "aaaaaaaaaaaaaaaa");
     host.deploy("web/a.tar.gz", &[]).ok();
     let run = host.run(&["status", "--wait", "--timeout", "5s"]);
     run.ok();
@@ -607,12 +554,7 @@ fn size_limit_and_required_metadata_are_checked_before_download() {
         "",
     );
     let body = app("m").gz();
-    host.s3.publish(
-        &host.bucket,
-        "web/nobranch.tar.gz",
-        &body,
-        "1234567890abcdef",
-    );
+    host.upload("web/nobranch.tar.gz", &body, "1234567890abcdef");
     let run = host.deploy("web/nobranch.tar.gz", &[]);
     run.fails_with(65, "lacks the required metadata");
     assert!(run.error_line().contains("branch"), "{}", run.error_line());
@@ -645,12 +587,7 @@ fn size_limit_and_required_metadata_are_checked_before_download() {
 #[test]
 fn under_systemd_without_a_journal_socket_logs_go_to_stderr_without_timestamps() {
     let host = Host::new();
-    host.s3.publish(
-        &host.bucket,
-        "web/a.tar.gz",
-        &app("a").gz(),
-        "aaaaaaaaaaaaaaaa",
-    );
+    host.upload("web/a.tar.gz", &app("a").gz(), "aaaaaaaaaaaaaaaa");
     let out = host
         .command(&["deploy", "--bucket", &host.bucket, "--key", "web/a.tar.gz"])
         .env("JOURNAL_STREAM", "8:12345")

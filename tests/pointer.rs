@@ -1,9 +1,12 @@
 //! Following a release pointer: deploys what `current.json` names, polls it with a
 //! conditional GET (304 when idle), and keeps the serving release when the pointer is wrong.
 
+// A test panics to report a failure: unwrap and expect are its assertions.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stderr)]
+
 mod common;
 
-use common::{Host, app, sha256_hex, write_file};
+use common::{Host, app, sha256_hex};
 use deployd::contract::pointer::{self, Pointer, PointerError, PointerRead};
 
 const COMMIT1: &str = "1111111122223333444455556666777788889999";
@@ -21,13 +24,6 @@ fn pointer_host() -> Host {
     host
 }
 
-fn publish(host: &Host, version: &str, commit: &str) -> (String, String) {
-    let body = app(version).gz();
-    let file = write_file(host, &format!("{version}.tar.gz"), &body);
-    let run = host.publish(&file, "prod", &["--commit", commit, "--pointer"], &[]);
-    (Host::published_key(&run), sha256_hex(&body))
-}
-
 fn read(host: &Host, etag: Option<&str>) -> Result<PointerRead, PointerError> {
     let object = deployd::s3::S3Object::new(&host.bucket, "web/prod/current.json");
     host.s3
@@ -38,20 +34,20 @@ fn read(host: &Host, etag: Option<&str>) -> Result<PointerRead, PointerError> {
 #[test]
 fn deploys_what_the_pointer_names_and_idle_polls_get_304() {
     let host = pointer_host();
-    let (key1, sha1) = publish(&host, "v1", COMMIT1);
+    let v1 = host.publish_app("v1", COMMIT1, &["--pointer"]);
 
     let doc: Pointer =
         serde_json::from_slice(&host.s3.get(&host.bucket, "web/prod/current.json")).unwrap();
-    assert_eq!(doc.key, key1);
-    assert_eq!(doc.sha256, sha1);
+    assert_eq!(doc.key, v1.key);
+    assert_eq!(doc.sha256, v1.sha256);
     assert_eq!(doc.commit, COMMIT1);
     assert!(humantime::parse_rfc3339(&doc.published_at).is_ok());
 
     let run = host.run(&["deploy", "--no-containers"]);
     run.ok();
     let m = host.manifest();
-    assert_eq!(m["key"], key1.as_str());
-    assert_eq!(m["sha256"], sha1.as_str());
+    assert_eq!(m["key"], v1.key.as_str());
+    assert_eq!(m["sha256"], v1.sha256.as_str());
     assert_eq!(m["sha256_verified_against"], "release pointer");
     assert_eq!(m["source"], "[source] bucket/pointer_key");
     let first = host.current().unwrap();
@@ -68,36 +64,33 @@ fn deploys_what_the_pointer_names_and_idle_polls_get_304() {
     let PointerRead::Changed { pointer, etag } = read(&host, None).unwrap() else {
         panic!("first read must return the pointer");
     };
-    assert_eq!(pointer.key, key1);
+    assert_eq!(pointer.key, v1.key);
     assert!(!etag.is_empty());
     assert_eq!(read(&host, Some(&etag)).unwrap(), PointerRead::Unchanged);
     assert_eq!(read(&host, Some(&etag)).unwrap(), PointerRead::Unchanged);
 
     // A new publish changes the pointer; the old ETag now yields the new contents.
-    let (key2, sha2) = publish(&host, "v2", COMMIT2);
+    let v2 = host.publish_app("v2", COMMIT2, &["--pointer"]);
     match read(&host, Some(&etag)).unwrap() {
         PointerRead::Changed {
             pointer,
             etag: etag2,
         } => {
-            assert_eq!(pointer.key, key2);
-            assert_eq!(pointer.sha256, sha2);
+            assert_eq!(pointer.key, v2.key);
+            assert_eq!(pointer.sha256, v2.sha256);
             assert_ne!(etag2, etag);
         }
         PointerRead::Unchanged => panic!("the pointer changed"),
     }
     host.run(&["deploy", "--no-containers"]).ok();
-    assert_eq!(host.manifest()["key"], key2.as_str());
-    assert_eq!(
-        std::fs::read_to_string(host.current_dir().join("VERSION")).unwrap(),
-        "v2"
-    );
+    assert_eq!(host.manifest()["key"], v2.key.as_str());
+    assert_eq!(host.served_version(), "v2");
 }
 
 #[test]
 fn environment_pointer_ranks_with_deployment_key() {
     let host = Host::new();
-    let (key1, sha1) = publish(&host, "v1", COMMIT1);
+    let v1 = host.publish_app("v1", COMMIT1, &["--pointer"]);
     host.write_env(&format!(
         "DEPLOYMENT_BUCKET={}\nDEPLOYMENT_POINTER=web/prod/current.json\n",
         host.bucket
@@ -110,26 +103,25 @@ fn environment_pointer_ranks_with_deployment_key() {
         run.stdout
     );
     host.run(&["deploy", "--no-containers"]).ok();
-    assert_eq!(host.manifest()["key"], key1.as_str());
-    assert_eq!(host.manifest()["sha256"], sha1.as_str());
+    assert_eq!(host.manifest()["key"], v1.key.as_str());
+    assert_eq!(host.manifest()["sha256"], v1.sha256.as_str());
 
     // An explicit request still wins over the pointer.
     let other = app("manual").gz();
-    host.s3
-        .publish(&host.bucket, "web/manual.tar.gz", &other, COMMIT2);
+    host.upload("web/manual.tar.gz", &other, COMMIT2);
     host.deploy("web/manual.tar.gz", &["--no-containers"]).ok();
     assert_eq!(host.manifest()["key"], "web/manual.tar.gz");
 
     // A key and a pointer in the same place is ambiguous.
     host.write_env(&format!(
-        "DEPLOYMENT_BUCKET={}\nDEPLOYMENT_KEY={key1}\nDEPLOYMENT_POINTER=web/prod/current.json\n",
-        host.bucket
+        "DEPLOYMENT_BUCKET={}\nDEPLOYMENT_KEY={}\nDEPLOYMENT_POINTER=web/prod/current.json\n",
+        host.bucket, v1.key
     ));
     host.run(&["deploy", "--no-containers"])
         .fails_with(78, "not both");
     host.write_env(&format!(
-        "DEPLOYMENT_BUCKET={}\nDEPLOYMENT_POINTER=web/prod/current.json\nDEPLOYMENT_SHA256={sha1}\n",
-        host.bucket
+        "DEPLOYMENT_BUCKET={}\nDEPLOYMENT_POINTER=web/prod/current.json\nDEPLOYMENT_SHA256={}\n",
+        host.bucket, v1.sha256
     ));
     host.run(&["deploy", "--no-containers"])
         .fails_with(78, "remove DEPLOYMENT_SHA256");
@@ -141,7 +133,7 @@ fn environment_pointer_ranks_with_deployment_key() {
 /// Deploys v1 through the pointer, then rewrites the pointer by hand.
 fn serving_v1() -> (Host, String) {
     let host = pointer_host();
-    publish(&host, "v1", COMMIT1);
+    host.publish_app("v1", COMMIT1, &["--pointer"]);
     host.run(&["deploy", "--no-containers"]).ok();
     let current = host.current().unwrap();
     (host, current)
@@ -164,12 +156,7 @@ fn set_pointer(host: &Host, key: &str, sha: &str) {
 
 #[track_caller]
 fn still_serving(host: &Host, release: &str) {
-    assert_eq!(host.current().as_deref(), Some(release));
-    assert_eq!(
-        std::fs::read_to_string(host.current_dir().join("VERSION")).unwrap(),
-        "v1"
-    );
-    assert_eq!(host.staging_entries(), 0, "the staged tree was removed");
+    host.assert_serving(release, "v1");
     assert_eq!(host.state()["current"]["id"], release);
     assert_eq!(host.state()["last_attempt"]["outcome"], "failed");
 }
@@ -195,7 +182,7 @@ fn pointer_with_the_wrong_sha256_keeps_the_serving_release() {
 
     // The artifact's own sha256 metadata disagrees with the pointer: refused before download.
     let with_meta = "web/prod/22222222-20261105-101500/web-deployment.tar.gz";
-    host.s3.publish(&host.bucket, with_meta, &body, COMMIT2);
+    host.upload(with_meta, &body, COMMIT2);
     set_pointer(&host, with_meta, &wrong);
     host.run(&["deploy", "--no-containers"])
         .fails_with(65, "release pointer expects SHA-256");

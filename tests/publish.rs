@@ -1,6 +1,9 @@
 //! `deployd publish` and `deployd gc` against moto: key shape, metadata, checksums, refusal to
 //! overwrite, GITHUB_OUTPUT, multipart, and gc never touching what a pointer names.
 
+// A test panics to report a failure: unwrap and expect are its assertions.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stderr)]
+
 mod common;
 
 use std::time::{Duration, SystemTime};
@@ -219,16 +222,23 @@ fn publish_n(host: &Host, env: &str, n: usize, first_extra: &[&str]) -> Vec<Stri
         let body = Tarball::new()
             .file("./VERSION", 0o644, format!("{env}-{i}").as_bytes())
             .gz();
-        let file = write_file(host, &format!("{env}-{i}.tar.gz"), &body);
         let commit = format!("{i:08x}{}", &COMMIT[8..]);
         let mut args = vec!["--commit", commit.as_str()];
         if i == 0 {
             args.extend_from_slice(first_extra);
         }
-        keys.push(Host::published_key(&host.publish(&file, env, &args, &[])));
+        let name = format!("{env}-{i}.tar.gz");
+        keys.push(host.publish_bytes(&name, &body, env, &args).key);
         std::thread::sleep(Duration::from_millis(1100));
     }
     keys
+}
+
+/// `deployd gc --bucket <own bucket> --app web ARGS`.
+fn gc(host: &Host, args: &[&str]) -> common::Run {
+    let mut all = vec!["gc", "--bucket", &host.bucket, "--app", "web"];
+    all.extend_from_slice(args);
+    host.run(&all)
 }
 
 #[test]
@@ -259,34 +269,24 @@ fn gc_keeps_newest_young_and_pointed_at_releases() {
     assert!(before.contains(&sig0));
 
     // Everything is young: the default --days 30 protects it all.
-    let run = host.run(&[
-        "gc",
-        "--bucket",
-        &host.bucket,
-        "--app",
-        "web",
-        "--keep",
-        "0",
-    ]);
+    let run = gc(&host, &["--keep", "0"]);
     run.ok();
     assert!(run.stdout.contains("deleted 0 objects"), "{}", run.stdout);
     assert_eq!(host.s3.keys(&host.bucket), before);
 
     // Dry run: lists releases 1 and 2 of prod with sizes, deletes nothing.
-    let run = host.run(&[
-        "gc",
-        "--bucket",
-        &host.bucket,
-        "--app",
-        "web",
-        "--environment",
-        "prod",
-        "--keep",
-        "2",
-        "--days",
-        "0",
-        "--dry-run",
-    ]);
+    let run = gc(
+        &host,
+        &[
+            "--environment",
+            "prod",
+            "--keep",
+            "2",
+            "--days",
+            "0",
+            "--dry-run",
+        ],
+    );
     run.ok();
     for k in &prod[1..3] {
         assert!(
@@ -313,17 +313,7 @@ fn gc_keeps_newest_young_and_pointed_at_releases() {
     assert_eq!(host.s3.keys(&host.bucket), before);
 
     // For real, all environments, keep 1.
-    let run = host.run(&[
-        "gc",
-        "--bucket",
-        &host.bucket,
-        "--app",
-        "web",
-        "--keep",
-        "1",
-        "--days",
-        "0",
-    ]);
+    let run = gc(&host, &["--keep", "1", "--days", "0"]);
     run.ok();
     let after = host.s3.keys(&host.bucket);
     let mut expected: Vec<String> = before
@@ -351,17 +341,7 @@ fn gc_refuses_an_environment_whose_pointer_is_broken() {
     let prod = publish_n(&host, "prod", 2, &[]);
     host.s3
         .put(&host.bucket, "web/prod/current.json", b"{not json", &[]);
-    let run = host.run(&[
-        "gc",
-        "--bucket",
-        &host.bucket,
-        "--app",
-        "web",
-        "--keep",
-        "0",
-        "--days",
-        "0",
-    ]);
+    let run = gc(&host, &["--keep", "0", "--days", "0"]);
     assert_eq!(run.code, 65, "{}\n{}", run.stdout, run.stderr);
     assert!(
         run.stdout.contains("skipped environment prod"),

@@ -2,12 +2,16 @@
 //! identity served by a local IMDSv2 server), `{tag:NAME}` placeholders, hosts where tagging
 //! cannot work, and the node_exporter metrics file checked with the Prometheus parser.
 
+// A test panics to report a failure: unwrap and expect are its assertions.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stderr)]
+
 mod common;
 
 use std::collections::BTreeMap;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use common::daemon::{Daemon, Options};
 use common::ec2::{self, Ec2, parse_metrics, sample};
 use common::{Host, app, imds, moto};
 
@@ -73,14 +77,12 @@ fn recent(rfc3339: &str) -> bool {
 fn tags_and_metrics_follow_deploys_a_failure_and_a_rollback() {
     let i = instance("", "");
     let h = &i.host;
-    h.s3.publish(
-        &h.bucket,
+    h.upload(
         "web/prod/aaaa1111/web.tar.gz",
         &app("v1").gz(),
         "aaaa1111deadbeefaaaa1111deadbeefaaaa1111",
     );
-    h.s3.publish(
-        &h.bucket,
+    h.upload(
         "web/prod/bbbb2222/web.tar.gz",
         &app("v2").gz(),
         "bbbb2222deadbeefbbbb2222deadbeefbbbb2222",
@@ -218,10 +220,7 @@ fn tags_and_metrics_follow_deploys_a_failure_and_a_rollback() {
         "counters survive across processes"
     );
 
-    h.write_env(&format!(
-        "DEPLOYMENT_BUCKET={}\nDEPLOYMENT_KEY=web/prod/aaaa1111/web.tar.gz\n",
-        h.bucket
-    ));
+    h.write_deployment_env("web/prod/aaaa1111/web.tar.gz");
     let check = h.run(&["check-config"]);
     check.ok();
     assert!(
@@ -289,12 +288,7 @@ fn without_imds_tagging_is_off_with_one_warning_and_deployments_work() {
     let dead = format!("http://127.0.0.1:{}", common::free_port());
     let mut h = Host::new();
     h.imds = Some(dead);
-    h.s3.publish(
-        &h.bucket,
-        "web/a.tar.gz",
-        &app("a").gz(),
-        "aaaaaaaa00000000",
-    );
+    h.upload("web/a.tar.gz", &app("a").gz(), "aaaaaaaa00000000");
     // An explicit source: nothing in it needs the instance identity.
     h.write_config(
         &format!("bucket = \"{}\"\nkey = \"web/a.tar.gz\"", h.bucket),
@@ -347,12 +341,7 @@ fn without_imds_tagging_is_off_with_one_warning_and_deployments_work() {
         &format!("bucket = \"{}\"\nkey = \"web/a.tar.gz\"", h.bucket),
         "[report]\nec2_tags = false",
     );
-    h.s3.publish(
-        &h.bucket,
-        "web/b.tar.gz",
-        &app("b").gz(),
-        "bbbbbbbb00000000",
-    );
+    h.upload("web/b.tar.gz", &app("b").gz(), "bbbbbbbb00000000");
     let run = h.deploy("web/b.tar.gz", &[]);
     run.ok();
     assert!(!run.stderr.contains("tags are off"), "{}", run.stderr);
@@ -364,49 +353,29 @@ fn without_imds_tagging_is_off_with_one_warning_and_deployments_work() {
     );
 }
 
-/// Runs `deployd run` until `attempts` deployments are recorded, then stops it.
-fn daemon_until(h: &Host, env: &[(&str, &str)], attempts: usize, between: impl Fn()) -> String {
-    let log = h.dir.path().join("daemon.log");
-    let mut cmd = h.command(&["run"]);
-    cmd.stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let mut child = cmd.spawn().unwrap();
-    let recorded = || {
-        std::fs::read(h.state_dir().join("state.json"))
-            .ok()
-            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-            .and_then(|s| s["history"].as_array().map(Vec::len))
-            .unwrap_or(0)
-    };
-    let start = Instant::now();
+/// Runs `deployd run` until `attempts` deployments are recorded, then stops it; `between`
+/// runs once the first one is. Returns the daemon's log.
+fn daemon_until(h: &Host, options: Options, attempts: usize, between: impl Fn()) -> String {
+    let mut d = Daemon::start(h, options);
     let mut nudged = false;
-    while recorded() < attempts {
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "the daemon recorded {} of {attempts} deployments\n{}",
-            recorded(),
-            std::fs::read_to_string(&log).unwrap_or_default()
-        );
-        if recorded() >= 1 && !nudged {
-            nudged = true;
-            between();
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    terminate(child.id());
-    let _ = child.wait();
-    std::fs::read_to_string(&log).unwrap()
-}
-
-fn terminate(pid: u32) {
-    // SAFETY: kill(2) on our own child's pid.
-    #[allow(unsafe_code)]
-    unsafe {
-        libc::kill(pid as i32, libc::SIGTERM);
-    }
+    d.wait_for(
+        Duration::from_secs(60),
+        &format!("the daemon to record {attempts} deployments"),
+        || {
+            let recorded = h
+                .try_state()
+                .and_then(|s| s["history"].as_array().map(Vec::len))
+                .unwrap_or(0);
+            let done = recorded >= attempts;
+            if !done && recorded >= 1 && !nudged {
+                nudged = true;
+                between();
+            }
+            done
+        },
+    );
+    d.stop(Duration::from_secs(30));
+    d.log()
 }
 
 #[test]
@@ -416,27 +385,13 @@ fn tagging_denied_warns_once_and_the_next_deployment_makes_no_tag_calls() {
     let server = imds::start("123456789012", "us-east-1", &id);
     let mut h = Host::new();
     h.imds = Some(server.endpoint.clone());
-    h.s3.publish(
-        &h.bucket,
-        "web/a.tar.gz",
-        &app("a").gz(),
-        "aaaaaaaa11111111",
-    );
-    h.s3.publish(
-        &h.bucket,
-        "web/b.tar.gz",
-        &app("b").gz(),
-        "bbbbbbbb22222222",
-    );
-    h.write_env(&format!(
-        "DEPLOYMENT_BUCKET={}\nDEPLOYMENT_KEY=web/a.tar.gz\n",
-        h.bucket
-    ));
+    h.upload("web/a.tar.gz", &app("a").gz(), "aaaaaaaa11111111");
+    h.upload("web/b.tar.gz", &app("b").gz(), "bbbbbbbb22222222");
+    h.write_deployment_env("web/a.tar.gz");
     // This test takes the endpoint from the SDK's own variable rather than the config key.
-    let env = [("AWS_ENDPOINT_URL_EC2", denied.endpoint.as_str())];
-    let log = daemon_until(&h, &env, 2, || {
-        h.run(&["trigger", "--bucket", &h.bucket, "--key", "web/b.tar.gz"])
-            .ok();
+    let options = Options::default().env("AWS_ENDPOINT_URL_EC2", &denied.endpoint);
+    let log = daemon_until(&h, options, 2, || {
+        h.trigger("web/b.tar.gz", &[]).ok();
     });
     let state = h.state();
     let outcomes: Vec<&str> = state["history"]
@@ -482,12 +437,7 @@ fn a_metadata_service_that_never_answers_costs_one_bounded_wait() {
     });
     let mut h = Host::new();
     h.imds = Some(endpoint);
-    h.s3.publish(
-        &h.bucket,
-        "web/a.tar.gz",
-        &app("a").gz(),
-        "aaaaaaaa00000000",
-    );
+    h.upload("web/a.tar.gz", &app("a").gz(), "aaaaaaaa00000000");
     let started = Instant::now();
     let run = h.deploy("web/a.tar.gz", &[]);
     let took = started.elapsed();
@@ -543,12 +493,7 @@ fn container_builds_and_automatic_rollbacks_are_reported() {
     let publish = |name: &str, v: &Variant| {
         let key = format!("web/{name}.tar.gz");
         let body = common::tar_gz_dir(&app.release(name, v));
-        host.s3.publish(
-            &host.bucket,
-            &key,
-            &body,
-            &format!("{name}{name}abcdef0123"),
-        );
+        host.upload(&key, &body, &format!("{name}{name}abcdef0123"));
         key
     };
     host.deploy(&publish("v1", &Variant::new("v1")), &[]).ok();

@@ -1,6 +1,9 @@
 //! systemd notifications against real datagram sockets (filesystem and abstract), and
 //! `from_env` in a real child process.
 
+// A test panics to report a failure: unwrap and expect are its assertions.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stderr)]
+
 use std::io::{self, Write};
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixDatagram};

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::Command;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use super::{moto, set_test_aws_env};
+use super::{moto, sdk};
 
 /// Synchronous EC2 helpers over the real SDK, against moto.
 pub struct Ec2 {
@@ -19,16 +19,8 @@ pub struct Ec2 {
 
 impl Ec2 {
     pub fn new() -> Ec2 {
-        set_test_aws_env();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let client = rt.block_on(async {
-            let shared = aws_config::defaults(aws_config::BehaviorVersion::latest())
-                .load()
-                .await;
-            let conf = aws_sdk_ec2::config::Builder::from(&shared)
+        let (rt, client) = sdk(|shared| {
+            let conf = aws_sdk_ec2::config::Builder::from(shared)
                 .endpoint_url(&moto().endpoint)
                 .build();
             aws_sdk_ec2::Client::from_conf(conf)

@@ -1,9 +1,14 @@
 //! Test harness: a real S3-compatible server (`moto_server`) on a free loopback port, a local
 //! IMDSv2 server, tarball builders (including hostile ones), and a scratch "host" with its own
-//! state directory on which the real `deployd` binary is run.
+//! state directory on which the real `deployd` binary is run: to completion, or as a daemon
+//! ([`daemon`]), with its S3 traffic through a recording, misbehaving proxy if need be
+//! ([`proxy`]). Artifacts reach the bucket with `deployd publish` ([`Host::publish_bytes`]) or
+//! as a plain upload with metadata ([`Host::upload`]).
 #![allow(dead_code)]
 
+pub mod daemon;
 pub mod docker;
+pub mod ec2;
 pub mod imds;
 pub mod proxy;
 
@@ -32,15 +37,26 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-fn wait_port(port: u16, limit: Duration) {
+/// Checks `done` every `every` until it holds and returns how long that took, or `None` once
+/// `limit` has passed.
+pub fn poll(limit: Duration, every: Duration, mut done: impl FnMut() -> bool) -> Option<Duration> {
     let start = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            start.elapsed() < limit,
-            "server on port {port} did not start"
-        );
-        std::thread::sleep(Duration::from_millis(50));
+    loop {
+        if done() {
+            return Some(start.elapsed());
+        }
+        if start.elapsed() >= limit {
+            return None;
+        }
+        std::thread::sleep(every);
     }
+}
+
+fn wait_port(port: u16, limit: Duration) {
+    let up = poll(limit, Duration::from_millis(50), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    assert!(up.is_some(), "server on port {port} did not start");
 }
 
 pub fn moto() -> &'static Moto {
@@ -106,19 +122,29 @@ pub fn set_test_aws_env() {
     });
 }
 
+/// A current-thread runtime and an SDK client made by `client` from the test credentials; the
+/// runtime drives the client's calls.
+pub fn sdk<C>(client: impl FnOnce(&aws_config::SdkConfig) -> C) -> (tokio::runtime::Runtime, C) {
+    set_test_aws_env();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let shared = rt.block_on(aws_config::defaults(aws_config::BehaviorVersion::latest()).load());
+    let client = client(&shared);
+    (rt, client)
+}
+
 impl S3 {
     pub fn new() -> S3 {
-        set_test_aws_env();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let client = rt.block_on(async {
-            let shared = aws_config::defaults(aws_config::BehaviorVersion::latest())
-                .load()
-                .await;
-            let conf = aws_sdk_s3::config::Builder::from(&shared)
-                .endpoint_url(&moto().endpoint)
+        Self::at(&moto().endpoint)
+    }
+
+    /// A client for the S3 API at `endpoint` (moto, or a proxy in front of it).
+    pub fn at(endpoint: &str) -> S3 {
+        let (rt, client) = sdk(|shared| {
+            let conf = aws_sdk_s3::config::Builder::from(shared)
+                .endpoint_url(endpoint)
                 .force_path_style(true)
                 .build();
             aws_sdk_s3::Client::from_conf(conf)
@@ -302,6 +328,16 @@ impl Host {
         let s3 = S3::new();
         let bucket = unique("deployd-test");
         s3.create_bucket(&bucket, versioned);
+        Self::on(s3, bucket, source, extra)
+    }
+
+    /// A host whose own bucket is `bucket`, which already exists: several hosts following one
+    /// bucket, as a fleet does.
+    pub fn in_bucket(bucket: &str, source: &str, extra: &str) -> Host {
+        Self::on(S3::new(), bucket.to_string(), source, extra)
+    }
+
+    fn on(s3: S3, bucket: String, source: &str, extra: &str) -> Host {
         let dir = tempfile::tempdir().unwrap();
         let host = Host {
             config: dir.path().join("deployd.toml"),
@@ -345,6 +381,20 @@ impl Host {
         std::fs::write(self.dir.path().join("environment"), text).unwrap();
     }
 
+    /// An environment file naming `key` in the host's own bucket, as cloud-init writes it.
+    pub fn write_deployment_env(&self, key: &str) {
+        self.write_env(&format!(
+            "DEPLOYMENT_BUCKET={}\nDEPLOYMENT_KEY={key}\n",
+            self.bucket
+        ));
+    }
+
+    /// Uploads `body` to `key` in the host's own bucket with `sha256` and `commit-sha`
+    /// metadata, as a CI script without `deployd publish` does; returns the SHA-256.
+    pub fn upload(&self, key: &str, body: &[u8], commit: &str) -> String {
+        self.s3.publish(&self.bucket, key, body, commit)
+    }
+
     pub fn state_dir(&self) -> PathBuf {
         self.dir.path().join("state")
     }
@@ -362,7 +412,11 @@ impl Host {
             .env_remove("AWS_PROFILE")
             .env_remove("DEPLOYMENT_BUCKET")
             .env_remove("DEPLOYMENT_KEY")
+            .env_remove("DEPLOYMENT_POINTER")
+            .env_remove("DEPLOYMENT_SHA256")
             .env_remove("NOTIFY_SOCKET")
+            .env_remove("WATCHDOG_USEC")
+            .env_remove("WATCHDOG_PID")
             .stdin(Stdio::null());
         match &self.imds {
             Some(endpoint) => {
@@ -389,6 +443,14 @@ impl Host {
         self.run(&args)
     }
 
+    /// `deployd trigger --bucket <own bucket> --key KEY [extra]`: asks a running daemon to
+    /// deploy KEY.
+    pub fn trigger(&self, key: &str, extra: &[&str]) -> Run {
+        let mut args = vec!["trigger", "--bucket", &self.bucket, "--key", key];
+        args.extend_from_slice(extra);
+        self.run(&args)
+    }
+
     /// The release `current` points at.
     pub fn current(&self) -> Option<String> {
         let link = std::fs::read_link(self.state_dir().join("current")).ok()?;
@@ -397,6 +459,11 @@ impl Host {
 
     pub fn current_dir(&self) -> PathBuf {
         self.state_dir().join("current")
+    }
+
+    /// The VERSION file of the release that serves (see [`app`]).
+    pub fn served_version(&self) -> String {
+        std::fs::read_to_string(self.current_dir().join("VERSION")).unwrap()
     }
 
     pub fn releases(&self) -> Vec<String> {
@@ -425,6 +492,21 @@ impl Host {
     pub fn state(&self) -> serde_json::Value {
         serde_json::from_slice(&std::fs::read(self.state_dir().join("state.json")).unwrap())
             .unwrap()
+    }
+
+    /// `state.json` if there is one yet, for polling a daemon that may not have written it.
+    pub fn try_state(&self) -> Option<serde_json::Value> {
+        let bytes = std::fs::read(self.state_dir().join("state.json")).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+
+    /// Asserts that `release` still serves, with `version` in its VERSION file, and that no
+    /// staged tree was left behind.
+    #[track_caller]
+    pub fn assert_serving(&self, release: &str, version: &str) {
+        assert_eq!(self.current().as_deref(), Some(release));
+        assert_eq!(self.served_version(), version);
+        assert_eq!(self.staging_entries(), 0, "the staged tree was removed");
     }
 
     /// Every path under the host's directory, for "nothing escaped" checks.
@@ -531,6 +613,7 @@ pub fn tar_gz_dir(dir: &Path) -> Vec<u8> {
     enc.write_all(&b.into_inner().unwrap()).unwrap();
     enc.finish().unwrap()
 }
+
 /// Writes `bytes` to a file under the host's directory and returns its path.
 pub fn write_file(host: &Host, name: &str, bytes: &[u8]) -> PathBuf {
     let path = host.dir.path().join(name);
@@ -581,6 +664,38 @@ impl Host {
         run.ok();
         run.stdout.lines().last().unwrap_or("").trim().to_string()
     }
+
+    /// Writes `body` to `file_name` in the host's directory and publishes it for `environment`
+    /// with `deployd publish ... ARGS`, which must succeed.
+    pub fn publish_bytes(
+        &self,
+        file_name: &str,
+        body: &[u8],
+        environment: &str,
+        args: &[&str],
+    ) -> Published {
+        let file = write_file(self, file_name, body);
+        let key = Self::published_key(&self.publish(&file, environment, args, &[]));
+        Published {
+            key,
+            sha256: sha256_hex(body),
+        }
+    }
+
+    /// `app(version)` published for `prod` with `--commit COMMIT ARGS`.
+    pub fn publish_app(&self, version: &str, commit: &str, args: &[&str]) -> Published {
+        let mut all = vec!["--commit", commit];
+        all.extend_from_slice(args);
+        let body = app(version).gz();
+        self.publish_bytes(&format!("{version}.tar.gz"), &body, "prod", &all)
+    }
+}
+
+/// What a successful `deployd publish` uploaded.
+#[derive(Debug, Clone)]
+pub struct Published {
+    pub key: String,
+    pub sha256: String,
 }
 
 impl S3 {
@@ -635,8 +750,6 @@ impl S3 {
         })
     }
 }
-
-pub mod ec2;
 
 /// `len` incompressible bytes, the same for the same `seed`.
 pub fn noise(seed: u64, len: usize) -> Vec<u8> {
