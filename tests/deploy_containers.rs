@@ -125,3 +125,60 @@ fn deploy_builds_runs_rolls_back_and_refuses_bad_releases() {
     );
     assert_eq!(served(&app), "v2");
 }
+
+/// When the new release is unhealthy and the previous release cannot be started again
+/// either, deployd says so: the attempt failed, nothing claims the previous release serves.
+#[test]
+fn a_rollback_that_fails_too_is_reported_as_a_failure() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    if rt.block_on(engine()).is_none() {
+        return;
+    }
+    let app = App::new("rbfail");
+    let mut host = Host::new();
+    host.app = app.project.clone();
+    host.write_config(
+        "",
+        "[containers]\nenabled = true\nhealth_timeout = \"6s\"\nhealth_grace = \"1s\"\n",
+    );
+    host.write_env(&format!("HOST_PORT={}\n", app.port));
+    let publish = |name: &str, v: &Variant| {
+        let key = format!("web/{name}.tar.gz");
+        let body = tar_gz_dir(&app.release(name, v));
+        host.s3.publish(
+            &host.bucket,
+            &key,
+            &body,
+            &format!("{name}{name}abcdef0123"),
+        );
+        key
+    };
+    let v1 = publish("v1", &Variant::new("v1"));
+    host.deploy(&v1, &[]).ok();
+    assert_eq!(served(&app), "v1");
+    let r1 = host.current().unwrap();
+    // The previous release's image is gone: restarting it will fail.
+    let tag = format!("{}:{r1}", app.image_repo("backend"));
+    common::docker::sh(&format!("docker rmi {tag}"));
+
+    let mut sick = Variant::new("v2");
+    sick.health_path = "/no-such-file".into();
+    let v2 = publish("v2", &sick);
+    let run = host.deploy(&v2, &[]);
+    assert_ne!(run.code, 0, "{}", run.stderr);
+    assert_ne!(run.code, 75, "not a rollback that worked: {}", run.stderr);
+    let line = run.error_line();
+    assert!(line.contains("failed too"), "{line}");
+    assert!(!line.contains("serving again"), "{line}");
+    let state = host.state();
+    assert_eq!(state["last_attempt"]["outcome"], "failed", "{state}");
+    let status = host.run(&["status", "--json"]);
+    assert!(
+        status.stdout.contains("failed too"),
+        "status tells the truth:\n{}",
+        status.stdout
+    );
+}

@@ -282,6 +282,52 @@ fn tag_placeholder_fills_a_legacy_key() {
         .fails_with(78, &i.id);
 }
 
+/// The source poller resolves `{tag:NAME}` with the instance's tags, as a deployment does:
+/// retagging the instance moves it to the artifact the new tag names, without a trigger.
+#[test]
+fn the_poller_follows_a_tag_placeholder() {
+    let bucket = common::unique("legacy");
+    common::S3::new().create_bucket(&bucket, false);
+    let i = instance(
+        &format!(
+            "legacy_bucket = \"{bucket}\"\nlegacy_key = \"web/pr-{{tag:pr-number}}/web.tar.gz\""
+        ),
+        "\n[triggers]\npoll_interval = \"1s\"\n",
+    );
+    let h = &i.host;
+    i.ec2.tag(&i.id, "pr-number", "77");
+    for pr in ["77", "78"] {
+        h.s3.publish(
+            &bucket,
+            &format!("web/pr-{pr}/web.tar.gz"),
+            &app(&format!("pr{pr}")).gz(),
+            "7777777777777777",
+        );
+    }
+    let mut d = Daemon::start(h, Options::default());
+    let key = || {
+        h.try_state()
+            .and_then(|s| s["current"]["key"].as_str().map(str::to_string))
+    };
+    d.wait_for(
+        Duration::from_secs(30),
+        "the startup deployment of pr-77",
+        || key().as_deref() == Some("web/pr-77/web.tar.gz"),
+    );
+    i.ec2.tag(&i.id, "pr-number", "78");
+    d.wait_for(
+        Duration::from_secs(30),
+        "the poller to deploy pr-78 after the instance was retagged",
+        || key().as_deref() == Some("web/pr-78/web.tar.gz"),
+    );
+    d.stop(Duration::from_secs(30));
+    assert!(
+        !d.log().contains("instance tags are not available"),
+        "{}",
+        d.log()
+    );
+}
+
 #[test]
 fn without_imds_tagging_is_off_with_one_warning_and_deployments_work() {
     // A metadata endpoint nobody listens on (a laptop, Lightsail without IMDS).
