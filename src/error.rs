@@ -30,6 +30,26 @@ pub trait ExitCode {
     fn exit_code(&self) -> i32;
 }
 
+/// Implements [`ExitCode`] for an error enum from `Variant pattern => code` arms: the
+/// patterns name variants without the type (`Usage(_)`, `Io { .. }`, `A(e) | B(e)`), the
+/// codes are [`exit`] constants (`DATAERR`) or expressions (`e.exit_code()` for a wrapped
+/// error).
+macro_rules! exit_codes {
+    ($ty:ident { $($pat:pat => $code:expr),+ $(,)? }) => {
+        impl $crate::error::ExitCode for $ty {
+            fn exit_code(&self) -> i32 {
+                #[allow(unused_imports)]
+                use $crate::error::{ExitCode as _, exit::*};
+                use $ty::*;
+                match self {
+                    $($pat => $code),+
+                }
+            }
+        }
+    };
+}
+pub(crate) use exit_codes;
+
 /// Renders an error and its causes on one line: `outer: cause: root cause`; a cause whose
 /// text the outer message already contains is not repeated.
 pub fn error_chain(err: &dyn std::error::Error) -> String {

@@ -205,20 +205,47 @@ fn needs_path_style(endpoint: &str) -> bool {
     host == "localhost" || host.parse::<std::net::IpAddr>().is_ok()
 }
 
-/// Builds the S3 client from the config and the standard AWS environment.
-pub async fn client(cfg: &S3Config) -> Result<aws_sdk_s3::Client, S3SetupError> {
-    let mut loader = aws_config::defaults(BehaviorVersion::latest())
+/// How often the SDK may try an AWS call and how long each part of it may take.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct CallBudget {
+    /// Attempts, the first one included (the SDK's standard retry mode, 200 ms initial backoff).
+    pub attempts: u32,
+    /// Connecting.
+    pub connect: Duration,
+    /// Waiting for the next bytes of a response (a stalled server).
+    pub read: Option<Duration>,
+    /// One attempt, start to end.
+    pub attempt: Option<Duration>,
+    /// The whole call, retries included.
+    pub operation: Option<Duration>,
+}
+
+/// The shared AWS configuration loader for `budget` (credentials, region and endpoints from
+/// the standard AWS environment).
+pub(crate) fn aws_loader(budget: CallBudget) -> aws_config::ConfigLoader {
+    let mut timeouts = TimeoutConfig::builder().connect_timeout(budget.connect);
+    timeouts
+        .set_read_timeout(budget.read)
+        .set_operation_attempt_timeout(budget.attempt)
+        .set_operation_timeout(budget.operation);
+    aws_config::defaults(BehaviorVersion::latest())
         .retry_config(
             RetryConfig::standard()
-                .with_max_attempts(5)
+                .with_max_attempts(budget.attempts)
                 .with_initial_backoff(Duration::from_millis(200)),
         )
-        .timeout_config(
-            TimeoutConfig::builder()
-                .connect_timeout(Duration::from_secs(5))
-                .read_timeout(Duration::from_secs(60))
-                .build(),
-        );
+        .timeout_config(timeouts.build())
+}
+
+/// Builds the S3 client from the config and the standard AWS environment.
+pub async fn client(cfg: &S3Config) -> Result<aws_sdk_s3::Client, S3SetupError> {
+    let mut loader = aws_loader(CallBudget {
+        attempts: 5,
+        connect: Duration::from_secs(5),
+        read: Some(Duration::from_secs(60)),
+        attempt: None,
+        operation: None,
+    });
     if let Some(region) = &cfg.region {
         loader = loader.region(Region::new(region.clone()));
     }

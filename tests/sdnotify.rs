@@ -92,7 +92,10 @@ fn exercise(notifier: &Notifier, socket: &UnixDatagram) {
         after - before
     );
 
-    notifier.reloading_with_status("reloading: SIGHUP");
+    notifier.notify(&[
+        NotifyState::Reloading,
+        NotifyState::Status("reloading: SIGHUP".into()),
+    ]);
     let msg = recv(socket);
     assert!(
         msg.starts_with("RELOADING=1\nMONOTONIC_USEC=")
@@ -115,8 +118,8 @@ fn exercise(notifier: &Notifier, socket: &UnixDatagram) {
         NotifyState::Status("stopping on SIGTERM".into()),
     ]);
     assert_eq!(recv(socket), "STOPPING=1\nSTATUS=stopping on SIGTERM");
-    notifier.stopping();
-    assert_eq!(recv(socket), "STOPPING=1");
+    notifier.stopping_with_status("stopped");
+    assert_eq!(recv(socket), "STOPPING=1\nSTATUS=stopped");
 }
 
 #[test]
@@ -146,7 +149,7 @@ fn disabled_notifier_is_a_no_op() {
     notifier.ready();
     notifier.reloading();
     notifier.status("x");
-    notifier.stopping();
+    notifier.stopping_with_status("stopped");
     notifier.watchdog();
 }
 

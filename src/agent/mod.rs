@@ -41,7 +41,7 @@ use crate::config::{Config, ConfigError};
 use crate::contract::state::Stage;
 use crate::deploy::state::HostError;
 use crate::deploy::{Deployer, Done, Request};
-use crate::error::{ExitCode, exit};
+use crate::error::{exit, exit_codes};
 use crate::report::Reporter;
 use sdnotify::Notifier;
 use triggers::{Trigger, TriggerDir, TriggerOrigin, TriggerQueue};
@@ -72,17 +72,13 @@ pub enum AgentError {
     },
 }
 
-impl ExitCode for AgentError {
-    fn exit_code(&self) -> i32 {
-        match self {
-            AgentError::Config(e) => e.exit_code(),
-            AgentError::S3(e) => e.exit_code(),
-            AgentError::Host(e) => e.exit_code(),
-            AgentError::Trigger(e) => e.exit_code(),
-            AgentError::Signal { .. } => exit::SOFTWARE,
-        }
-    }
-}
+exit_codes!(AgentError {
+    Config(e) => e.exit_code(),
+    S3(e) => e.exit_code(),
+    Host(e) => e.exit_code(),
+    Trigger(e) => e.exit_code(),
+    Signal { .. } => SOFTWARE,
+});
 
 /// Where the daemon stands with systemd's readiness protocol.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -226,7 +226,7 @@ impl Notifier {
 
     /// Sends `READY=1` and `STATUS=<status>` in one datagram.
     pub fn ready_with_status(&self, status: &str) {
-        self.notify(&[NotifyState::Ready, NotifyState::Status(status.to_owned())]);
+        self.with_status(NotifyState::Ready, status);
     }
 
     /// Sends `RELOADING=1` and `MONOTONIC_USEC=<now>` in one datagram.
@@ -234,25 +234,13 @@ impl Notifier {
         self.notify(&[NotifyState::Reloading]);
     }
 
-    /// Sends `RELOADING=1`, `MONOTONIC_USEC=<now>` and `STATUS=<status>` in one datagram.
-    pub fn reloading_with_status(&self, status: &str) {
-        self.notify(&[
-            NotifyState::Reloading,
-            NotifyState::Status(status.to_owned()),
-        ]);
-    }
-
-    /// Sends `STOPPING=1`.
-    pub fn stopping(&self) {
-        self.notify(&[NotifyState::Stopping]);
-    }
-
     /// Sends `STOPPING=1` and `STATUS=<status>` in one datagram.
     pub fn stopping_with_status(&self, status: &str) {
-        self.notify(&[
-            NotifyState::Stopping,
-            NotifyState::Status(status.to_owned()),
-        ]);
+        self.with_status(NotifyState::Stopping, status);
+    }
+
+    fn with_status(&self, state: NotifyState, status: &str) {
+        self.notify(&[state, NotifyState::Status(status.to_owned())]);
     }
 
     /// Sends `STATUS=<status>`, unless it equals the last status systemd received.

@@ -29,22 +29,35 @@ use aws_sdk_s3::types::{Delete, ObjectIdentifier};
 
 use crate::contract::keys::is_release_dir;
 use crate::contract::pointer::{self, PointerError, PointerRead};
-use crate::error::{ExitCode, exit};
+use crate::error::exit_codes;
 use crate::s3::{self, S3Failure, S3Object};
 
 /// Keys per `DeleteObjects` call (S3's maximum).
 pub const DELETE_BATCH: usize = 1000;
 
-/// What to collect.
-#[derive(Debug, Clone)]
+/// What to collect: the arguments of `deployd gc`.
+#[derive(Debug, Clone, clap::Args)]
 pub struct GcRequest {
+    /// The bucket CI publishes to.
+    #[arg(long)]
     pub bucket: String,
+    /// The app (the first key segment).
+    #[arg(long)]
     pub app: String,
-    /// One environment, or every environment of the app.
+    /// Only this environment [default: every environment of the app].
+    #[arg(long)]
     pub environment: Option<String>,
+    /// Keep the newest N releases per environment.
+    #[arg(long, default_value_t = 10)]
     pub keep: usize,
+    /// Keep releases younger than D days.
+    #[arg(long, default_value_t = 30)]
     pub days: u64,
+    /// Print what would be deleted; delete nothing.
+    #[arg(long)]
     pub dry_run: bool,
+    /// Now, which ages are measured from.
+    #[arg(skip = SystemTime::now())]
     pub now: SystemTime,
 }
 
@@ -99,17 +112,13 @@ pub enum GcError {
     Pointer(#[from] PointerError),
 }
 
-impl ExitCode for GcError {
-    fn exit_code(&self) -> i32 {
-        match self {
-            GcError::Usage(_) => exit::USAGE,
-            GcError::NoSuchBucket { .. } => exit::NOINPUT,
-            GcError::AccessDenied { .. } => exit::CONFIG,
-            GcError::List { .. } | GcError::Delete { .. } => exit::UNAVAILABLE,
-            GcError::Pointer(e) => e.exit_code(),
-        }
-    }
-}
+exit_codes!(GcError {
+    Usage(_) => USAGE,
+    NoSuchBucket { .. } => NOINPUT,
+    AccessDenied { .. } => CONFIG,
+    List { .. } | Delete { .. } => UNAVAILABLE,
+    Pointer(e) => e.exit_code(),
+});
 
 #[derive(Debug, Default)]
 struct Release {

@@ -48,44 +48,58 @@ use super::upload::{self, Parts, Sent, UploadError};
 use crate::contract::keys::{self, artifact_key, is_segment};
 use crate::contract::pointer::{self, Pointer};
 use crate::contract::signature::{self, SignError, SigningKey};
-use crate::error::{ExitCode, exit};
+use crate::error::exit_codes;
 use crate::s3::{self as s3mod, S3Failure, S3Object};
 
 /// Parts in flight at once.
 pub const DEFAULT_CONCURRENCY: usize = 8;
 
-/// What to publish.
-#[derive(Debug, Clone)]
+/// What to publish: the arguments of `deployd publish`, and what CI fills in.
+#[derive(Debug, Clone, clap::Args)]
 pub struct PublishRequest {
-    /// The artifact file.
+    /// The artifact (a .tar.gz built by CI).
     pub file: PathBuf,
-    /// The bucket.
+    /// The bucket to publish to.
+    #[arg(long)]
     pub bucket: String,
-    /// The app (first key segment).
+    /// The app: the first key segment.
+    #[arg(long)]
     pub app: String,
-    /// The environment (second key segment): prod, staging, pr-51, …
+    /// The environment, the second key segment: prod, staging, pr-51, …
+    #[arg(long)]
     pub environment: String,
-    /// Full commit id; the key uses its first 8 characters.
-    pub commit: String,
-    /// The branch, for the metadata.
+    /// Full commit id; the key uses its first 8 characters [default: GITHUB_SHA].
+    #[arg(long)]
+    pub commit: Option<String>,
+    /// The branch, for the metadata [default: GITHUB_HEAD_REF, then GITHUB_REF_NAME].
+    #[arg(long)]
     pub branch: Option<String>,
-    /// The CI run id, for the metadata.
+    /// The CI run id, for the metadata [default: GITHUB_RUN_ID].
+    #[arg(long)]
     pub run_id: Option<String>,
-    /// The pull request number, for the metadata.
+    /// Pull request number [default: from GITHUB_REF refs/pull/N/merge].
+    #[arg(long = "pr")]
     pub pr_number: Option<String>,
-    /// A minisign secret key file.
+    /// Sign with this minisign secret key file (password in DEPLOYD_SIGN_PASSWORD).
+    #[arg(long, value_name = "SECRET_KEY_FILE")]
     pub sign: Option<PathBuf>,
-    /// The password of an encrypted secret key.
-    pub sign_password: Option<String>,
-    /// Rewrite `{app}/{environment}/current.json` once the artifact is in place.
+    /// Then point {app}/{environment}/current.json at the new artifact.
+    #[arg(long)]
     pub pointer: bool,
-    /// Files larger than this go up as multipart uploads.
+    /// Files larger than this go up as parallel multipart uploads.
+    #[arg(long, default_value = "64MiB", value_parser = crate::config::parse_size)]
     pub multipart_threshold: u64,
     /// Multipart part size.
+    #[arg(long, default_value = "16MiB", value_parser = crate::config::parse_size)]
     pub part_size: u64,
     /// Parts in flight at once.
+    #[arg(long, default_value_t = DEFAULT_CONCURRENCY)]
     pub concurrency: usize,
+    /// The password of an encrypted secret key (from `DEPLOYD_SIGN_PASSWORD`).
+    #[arg(skip)]
+    pub sign_password: Option<String>,
     /// The build time that names the key.
+    #[arg(skip = SystemTime::now())]
     pub now: SystemTime,
 }
 
@@ -117,14 +131,25 @@ impl CiDefaults {
             }),
         }
     }
+}
 
-    /// The commit: the command line's, else CI's; without either, a usage error.
-    pub fn commit_or(&self, given: Option<String>) -> Result<String, PublishError> {
-        given.or_else(|| self.commit.clone()).ok_or_else(|| {
-            PublishError::Usage(
+impl PublishRequest {
+    /// Fills what the command line left out from CI's variables; a commit is required.
+    pub fn with_ci_defaults(mut self, ci: CiDefaults) -> Result<Self, PublishError> {
+        self.commit = self.commit.or(ci.commit);
+        if self.commit.is_none() {
+            return Err(PublishError::Usage(
                 "no commit id: pass --commit SHA or run where GITHUB_SHA is set".into(),
-            )
-        })
+            ));
+        }
+        self.branch = self.branch.or(ci.branch);
+        self.run_id = self.run_id.or(ci.run_id);
+        self.pr_number = self.pr_number.or(ci.pr_number);
+        Ok(self)
+    }
+
+    fn commit(&self) -> &str {
+        self.commit.as_deref().unwrap_or_default()
     }
 }
 
@@ -185,17 +210,13 @@ pub enum PublishError {
     Upload(#[from] UploadError),
 }
 
-impl ExitCode for PublishError {
-    fn exit_code(&self) -> i32 {
-        match self {
-            PublishError::Usage(_) => exit::USAGE,
-            PublishError::File { .. } => exit::NOINPUT,
-            PublishError::EmptyFile { .. } | PublishError::FileChanged { .. } => exit::DATAERR,
-            PublishError::Sign(e) => e.exit_code(),
-            PublishError::Upload(e) => e.exit_code(),
-        }
-    }
-}
+exit_codes!(PublishError {
+    Usage(_) => USAGE,
+    File { .. } => NOINPUT,
+    EmptyFile { .. } | FileChanged { .. } => DATAERR,
+    Sign(e) => e.exit_code(),
+    Upload(e) => e.exit_code(),
+});
 
 impl PublishRequest {
     fn check(&self) -> Result<(), PublishError> {
@@ -209,10 +230,11 @@ impl PublishRequest {
                 )));
             }
         }
-        if self.commit.len() < 8 || !self.commit.bytes().all(|b| b.is_ascii_hexdigit()) {
+        let commit = self.commit();
+        if commit.len() < 8 || !commit.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(PublishError::Usage(format!(
                 "commit {:?} is not a git commit id (at least 8 hex characters); pass --commit or set GITHUB_SHA",
-                self.commit
+                commit
             )));
         }
         if self.concurrency == 0 {
@@ -225,7 +247,7 @@ impl PublishRequest {
 
     fn metadata(&self, sha256: &str) -> HashMap<String, String> {
         let mut m = HashMap::new();
-        m.insert(keys::META_COMMIT.into(), self.commit.to_ascii_lowercase());
+        m.insert(keys::META_COMMIT.into(), self.commit().to_ascii_lowercase());
         m.insert(
             keys::META_BUILD_TIME.into(),
             humantime::format_rfc3339_seconds(self.now).to_string(),
@@ -316,7 +338,7 @@ pub async fn publish(s3: &Client, req: &PublishRequest) -> Result<Published, Pub
         Some(path) => Some(SigningKey::load(path, req.sign_password.clone())?),
         None => None,
     };
-    let key = artifact_key(&req.app, &req.environment, &req.commit, req.now);
+    let key = artifact_key(&req.app, &req.environment, req.commit(), req.now);
     let object = S3Object::new(req.bucket.clone(), key.clone());
 
     // A clear answer before hashing and uploading a large file; the conditional write below
@@ -340,7 +362,7 @@ pub async fn publish(s3: &Client, req: &PublishRequest) -> Result<Published, Pub
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
         req.app,
-        req.commit.to_ascii_lowercase(),
+        req.commit().to_ascii_lowercase(),
     );
     let path = req.file.clone();
     let (sha256, digest, minisig) = tokio::task::spawn_blocking(move || {
@@ -388,7 +410,7 @@ pub async fn publish(s3: &Client, req: &PublishRequest) -> Result<Published, Pub
     let sent = Sent {
         size,
         sha256: &sha256,
-        commit: &req.commit,
+        commit: req.commit(),
         parts,
         digest: &digest,
     };
@@ -399,7 +421,7 @@ pub async fn publish(s3: &Client, req: &PublishRequest) -> Result<Published, Pub
         let doc = Pointer {
             key: key.clone(),
             sha256: sha256.clone(),
-            commit: req.commit.to_ascii_lowercase(),
+            commit: req.commit().to_ascii_lowercase(),
             published_at: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
         };
         upload::put_small(

@@ -31,7 +31,7 @@ use futures_util::{StreamExt, TryStreamExt};
 use sha2::{Digest, Sha256};
 
 use crate::contract::keys;
-use crate::error::{ExitCode, error_chain, exit};
+use crate::error::{error_chain, exit_codes};
 use crate::s3::{self, S3Failure, S3Object};
 
 /// S3's limits on multipart uploads.
@@ -80,17 +80,13 @@ pub enum UploadError {
     },
 }
 
-impl ExitCode for UploadError {
-    fn exit_code(&self) -> i32 {
-        match self {
-            UploadError::Exists(_) => exit::TEMPFAIL,
-            UploadError::NoSuchBucket(_) | UploadError::File { .. } => exit::NOINPUT,
-            UploadError::AccessDenied(_) => exit::CONFIG,
-            UploadError::Failed { .. } => exit::UNAVAILABLE,
-            UploadError::Landed { .. } => exit::DATAERR,
-        }
-    }
-}
+exit_codes!(UploadError {
+    Exists(_) => TEMPFAIL,
+    NoSuchBucket(_) | File { .. } => NOINPUT,
+    AccessDenied(_) => CONFIG,
+    Failed { .. } => UNAVAILABLE,
+    Landed { .. } => DATAERR,
+});
 
 /// Maps an SDK error on `object` to an upload error.
 pub fn classify<E>(e: &SdkError<E, HttpResponse>, object: &S3Object) -> UploadError
@@ -230,9 +226,9 @@ pub async fn put_multipart(
         .create_multipart_upload()
         .bucket(&object.bucket)
         .key(&object.key)
-        .content_type("application/gzip")
         .set_metadata(Some(metadata))
         .checksum_algorithm(ChecksumAlgorithm::Sha256)
+        .content_type("application/gzip")
         .send()
         .await
         .map_err(|e| classify(&e, object))?;

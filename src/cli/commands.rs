@@ -2,15 +2,15 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use bytesize::ByteSize;
 
 use super::{Cli, Command, Failure};
 use crate::agent::triggers::{self, Trigger, TriggerOrigin};
 use crate::agent::{self, Agent};
-use crate::ci::gc::{self, GcRequest};
-use crate::ci::publish::{self, CiDefaults, PublishRequest};
+use crate::ci::gc;
+use crate::ci::publish::{self, CiDefaults};
 use crate::config::Config;
 use crate::config::envfile::EnvFile;
 use crate::contract::signature;
@@ -142,39 +142,9 @@ pub(super) async fn dispatch(cli: Cli) -> Result<i32, Failure> {
             );
             Ok(exit::OK)
         }
-        Command::Publish {
-            file,
-            bucket,
-            app,
-            environment,
-            commit,
-            branch,
-            run_id,
-            pr,
-            sign,
-            pointer,
-            multipart_threshold,
-            part_size,
-            concurrency,
-        } => {
-            let ci = CiDefaults::github(|k| std::env::var(k).ok());
-            let req = PublishRequest {
-                file,
-                bucket,
-                app,
-                environment,
-                commit: ci.commit_or(commit)?,
-                branch: branch.or(ci.branch),
-                run_id: run_id.or(ci.run_id),
-                pr_number: pr.or(ci.pr_number),
-                sign,
-                sign_password: std::env::var(signature::PASSWORD_ENV).ok(),
-                pointer,
-                multipart_threshold,
-                part_size,
-                concurrency,
-                now: SystemTime::now(),
-            };
+        Command::Publish(req) => {
+            let mut req = req.with_ci_defaults(CiDefaults::github(|k| std::env::var(k).ok()))?;
+            req.sign_password = std::env::var(signature::PASSWORD_ENV).ok();
             let s3 = crate::s3::client(&cfg.s3).await?;
             let p = publish::publish(&s3, &req).await?;
             if let Some(out) = std::env::var_os("GITHUB_OUTPUT").filter(|v| !v.is_empty()) {
@@ -191,26 +161,14 @@ pub(super) async fn dispatch(cli: Cli) -> Result<i32, Failure> {
             println!("{}", p.object.key);
             Ok(exit::OK)
         }
-        Command::Gc {
-            bucket,
-            app,
-            environment,
-            keep,
-            days,
-            dry_run,
-        } => {
+        Command::Gc(req) => {
             let s3 = crate::s3::client(&cfg.s3).await?;
-            let req = GcRequest {
-                bucket,
-                app,
-                environment,
-                keep,
-                days,
-                dry_run,
-                now: SystemTime::now(),
-            };
             let r = gc::gc(&s3, &req).await?;
-            let verb = if dry_run { "would delete" } else { "deleted" };
+            let verb = if req.dry_run {
+                "would delete"
+            } else {
+                "deleted"
+            };
             for d in &r.deleted {
                 println!(
                     "{verb} s3://{}/{} ({})",

@@ -100,69 +100,9 @@ pub(crate) enum Command {
     /// Remove the project's images, the builder cache and the app cache paths.
     ClearCache,
     /// CI: upload FILE under a new versioned key with metadata and checksum, verify it landed.
-    Publish {
-        /// The artifact (a .tar.gz built by CI).
-        file: PathBuf,
-        #[arg(long)]
-        bucket: String,
-        #[arg(long)]
-        app: String,
-        /// e.g. prod, staging, pr-51.
-        #[arg(long)]
-        environment: String,
-        /// Full commit id [default: GITHUB_SHA].
-        #[arg(long)]
-        commit: Option<String>,
-        /// [default: GITHUB_HEAD_REF, then GITHUB_REF_NAME]
-        #[arg(long)]
-        branch: Option<String>,
-        /// [default: GITHUB_RUN_ID]
-        #[arg(long)]
-        run_id: Option<String>,
-        /// Pull request number [default: from GITHUB_REF refs/pull/N/merge].
-        #[arg(long)]
-        pr: Option<String>,
-        /// Sign with this minisign secret key file (password in DEPLOYD_SIGN_PASSWORD).
-        #[arg(long, value_name = "SECRET_KEY_FILE")]
-        sign: Option<PathBuf>,
-        /// Then point {app}/{environment}/current.json at the new artifact.
-        #[arg(long)]
-        pointer: bool,
-        /// Files larger than this go up as parallel multipart uploads.
-        #[arg(long, default_value = "64MiB", value_parser = parse_size)]
-        multipart_threshold: u64,
-        #[arg(long, default_value = "16MiB", value_parser = parse_size)]
-        part_size: u64,
-        /// Parts in flight at once.
-        #[arg(long, default_value_t = crate::ci::publish::DEFAULT_CONCURRENCY)]
-        concurrency: usize,
-    },
+    Publish(crate::ci::publish::PublishRequest),
     /// CI: delete old artifacts per environment, keeping the newest, the young and the pointed-at.
-    Gc {
-        #[arg(long)]
-        bucket: String,
-        #[arg(long)]
-        app: String,
-        /// Only this environment [default: every environment of the app].
-        #[arg(long)]
-        environment: Option<String>,
-        /// Keep the newest N releases per environment.
-        #[arg(long, default_value_t = 10)]
-        keep: usize,
-        /// Keep releases younger than D days.
-        #[arg(long, default_value_t = 30)]
-        days: u64,
-        /// Print what would be deleted; delete nothing.
-        #[arg(long)]
-        dry_run: bool,
-    },
-}
-
-fn parse_size(s: &str) -> Result<u64, String> {
-    s.trim()
-        .parse::<bytesize::ByteSize>()
-        .map(|b| b.as_u64())
-        .map_err(|e| format!("invalid size {s:?}: {e}"))
+    Gc(crate::ci::gc::GcRequest),
 }
 
 fn parse_duration(s: &str) -> Result<HumanDuration, String> {

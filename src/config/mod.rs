@@ -62,6 +62,14 @@ impl ExitCode for ConfigError {
     }
 }
 
+/// Parses a size the human way (`"64MiB"`, `"4GiB"`, or bytes), for command-line flags.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    s.trim()
+        .parse::<bytesize::ByteSize>()
+        .map(|b| b.as_u64())
+        .map_err(|e| format!("invalid size {s:?}: {e}"))
+}
+
 /// A duration written the human way: `"5m"`, `"120s"`, `"1h 30m"`, `"0s"`.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub struct HumanDuration(pub Duration);

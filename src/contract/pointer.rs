@@ -32,7 +32,7 @@
 use aws_sdk_s3::Client;
 
 use crate::contract::keys::is_sha256_hex;
-use crate::error::{ExitCode, exit};
+use crate::error::exit_codes;
 use crate::s3::{self, S3Failure, S3Object, SmallBody, read_small_body};
 
 /// A pointer object is a few hundred bytes; anything much larger is not one.
@@ -101,16 +101,12 @@ pub enum PointerError {
     },
 }
 
-impl ExitCode for PointerError {
-    fn exit_code(&self) -> i32 {
-        match self {
-            PointerError::NotFound(_) => exit::NOINPUT,
-            PointerError::AccessDenied(_) => exit::CONFIG,
-            PointerError::Malformed { .. } => exit::DATAERR,
-            PointerError::Unavailable { .. } => exit::UNAVAILABLE,
-        }
-    }
-}
+exit_codes!(PointerError {
+    NotFound(_) => NOINPUT,
+    AccessDenied(_) => CONFIG,
+    Malformed { .. } => DATAERR,
+    Unavailable { .. } => UNAVAILABLE,
+});
 
 impl Pointer {
     /// Parses and checks a pointer document.

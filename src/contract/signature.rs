@@ -40,7 +40,7 @@ use std::path::Path;
 use aws_sdk_s3::Client;
 use minisign_verify::{PublicKey, Signature, StreamVerifier};
 
-use crate::error::{ExitCode, exit};
+use crate::error::exit_codes;
 use crate::s3::{self, S3Failure, S3Object, SmallBody, read_small_body};
 
 /// The suffix of a signature object.
@@ -114,15 +114,11 @@ pub enum SignatureError {
     },
 }
 
-impl ExitCode for SignatureError {
-    fn exit_code(&self) -> i32 {
-        match self {
-            SignatureError::BadPublicKey(_) => exit::CONFIG,
-            SignatureError::Unavailable { .. } => exit::UNAVAILABLE,
-            _ => exit::DATAERR,
-        }
-    }
-}
+exit_codes!(SignatureError {
+    BadPublicKey(_) => CONFIG,
+    Unavailable { .. } => UNAVAILABLE,
+    _ => DATAERR,
+});
 
 /// A fetched signature and the public key it must verify against.
 #[derive(Clone)]
@@ -279,15 +275,11 @@ pub enum SignError {
     },
 }
 
-impl ExitCode for SignError {
-    fn exit_code(&self) -> i32 {
-        match self {
-            SignError::Read { .. } => exit::NOINPUT,
-            SignError::NeedsPassword { .. } | SignError::BadKey { .. } => exit::CONFIG,
-            SignError::Sign { .. } => exit::SOFTWARE,
-        }
-    }
-}
+exit_codes!(SignError {
+    Read { .. } => NOINPUT,
+    NeedsPassword { .. } | BadKey { .. } => CONFIG,
+    Sign { .. } => SOFTWARE,
+});
 
 /// A secret key ready to sign.
 pub struct SigningKey {
@@ -357,6 +349,7 @@ impl SigningKey {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::ExitCode;
 
     fn keypair(dir: &Path) -> (std::path::PathBuf, String) {
         let kp = minisign::KeyPair::generate_unencrypted_keypair().unwrap();

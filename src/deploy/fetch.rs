@@ -20,7 +20,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
 use crate::deploy::verify::Verified;
-use crate::error::{ExitCode, error_chain, exit};
+use crate::error::{error_chain, exit_codes};
 use crate::s3::{self, S3Failure, S3Object};
 
 /// How often a broken body may be resumed before the download gives up.
@@ -79,16 +79,12 @@ pub enum FetchError {
     ConsumerGone,
 }
 
-impl ExitCode for FetchError {
-    fn exit_code(&self) -> i32 {
-        match self {
-            FetchError::Replaced(_) => exit::TEMPFAIL,
-            FetchError::Unavailable { .. } => exit::UNAVAILABLE,
-            FetchError::SizeMismatch { .. } => exit::DATAERR,
-            FetchError::ConsumerGone => exit::SOFTWARE,
-        }
-    }
-}
+exit_codes!(FetchError {
+    Replaced(_) => TEMPFAIL,
+    Unavailable { .. } => UNAVAILABLE,
+    SizeMismatch { .. } => DATAERR,
+    ConsumerGone => SOFTWARE,
+});
 
 /// Downloads `v` into `tx`, calling `progress(bytes_so_far)` as data arrives.
 pub async fn download(

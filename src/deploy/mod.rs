@@ -48,7 +48,7 @@ use crate::contract::now_rfc3339;
 use crate::contract::pointer::{self, PointerError, PointerRead};
 use crate::contract::signature::{self, SignatureError};
 use crate::contract::state::{Attempt, Outcome, Stage, StateError};
-use crate::error::{ExitCode, exit};
+use crate::error::{ExitCode, exit_codes};
 use crate::instance::Instance;
 use crate::instance::tags::Update;
 use crate::report::Reporter;
@@ -171,25 +171,21 @@ impl From<HostError> for DeployError {
     }
 }
 
-impl ExitCode for DeployError {
-    fn exit_code(&self) -> i32 {
-        match self {
-            DeployError::EnvFile(e) => e.exit_code(),
-            DeployError::Source(e) => e.exit_code(),
-            DeployError::Pointer(e) => e.exit_code(),
-            DeployError::Signature(e) => e.exit_code(),
-            DeployError::Verify(e) => e.exit_code(),
-            DeployError::Fetch(e) => e.exit_code(),
-            DeployError::Unpack { source, .. } => source.exit_code(),
-            DeployError::Checksum { .. } => exit::DATAERR,
-            DeployError::Release(e) => e.exit_code(),
-            DeployError::State(e) => e.exit_code(),
-            DeployError::Container(e) | DeployError::RolledBack(e) => e.exit_code(),
-            DeployError::Cancelled => exit::TEMPFAIL,
-            DeployError::Internal(_) => exit::SOFTWARE,
-        }
-    }
-}
+exit_codes!(DeployError {
+    EnvFile(e) => e.exit_code(),
+    Source(e) => e.exit_code(),
+    Pointer(e) => e.exit_code(),
+    Signature(e) => e.exit_code(),
+    Verify(e) => e.exit_code(),
+    Fetch(e) => e.exit_code(),
+    Unpack { source, .. } => source.exit_code(),
+    Checksum { .. } => DATAERR,
+    Release(e) => e.exit_code(),
+    State(e) => e.exit_code(),
+    Container(e) | RolledBack(e) => e.exit_code(),
+    Cancelled => TEMPFAIL,
+    Internal(_) => SOFTWARE,
+});
 
 /// Runs deployments for one host.
 pub struct Deployer {

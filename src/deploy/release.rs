@@ -11,7 +11,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use crate::contract::host::{MANIFEST, Manifest, Paths};
-use crate::error::{ExitCode, exit};
+use crate::error::exit_codes;
 use crate::files::{FileError, remove_tree, sync_dir};
 
 /// A release on disk, `current` or the lock could not be used.
@@ -49,16 +49,12 @@ pub enum ReleaseError {
     NothingToRollBack,
 }
 
-impl ExitCode for ReleaseError {
-    fn exit_code(&self) -> i32 {
-        match self {
-            ReleaseError::Busy { .. } => exit::TEMPFAIL,
-            ReleaseError::NoSuchRelease { .. } | ReleaseError::NothingToRollBack => exit::USAGE,
-            ReleaseError::Incomplete { .. } => exit::DATAERR,
-            ReleaseError::File(_) => exit::SOFTWARE,
-        }
-    }
-}
+exit_codes!(ReleaseError {
+    Busy { .. } => TEMPFAIL,
+    NoSuchRelease { .. } | NothingToRollBack => USAGE,
+    Incomplete { .. } => DATAERR,
+    File(_) => SOFTWARE,
+});
 
 fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> ReleaseError + 'a {
     move |source| ReleaseError::File(FileError::on(action, path)(source))

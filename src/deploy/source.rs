@@ -28,7 +28,7 @@ use std::fmt;
 use crate::config::Config;
 use crate::config::envfile::EnvFile;
 use crate::contract::keys::is_sha256_hex;
-use crate::error::{ExitCode, exit};
+use crate::error::exit_codes;
 use crate::instance::Instance;
 use crate::instance::imds::ImdsError;
 use crate::s3::S3Object;
@@ -154,14 +154,10 @@ pub enum SourceError {
     NoBucket,
 }
 
-impl ExitCode for SourceError {
-    fn exit_code(&self) -> i32 {
-        match self {
-            SourceError::NoBucket => exit::USAGE,
-            _ => exit::CONFIG,
-        }
-    }
-}
+exit_codes!(SourceError {
+    NoBucket => USAGE,
+    _ => CONFIG,
+});
 
 /// The bucket an explicit key without a bucket (`deployd trigger --key K`) is looked up in:
 /// `DEPLOYMENT_BUCKET`, else `[source] bucket`.
@@ -347,6 +343,7 @@ pub async fn fill(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::ExitCode;
     use std::path::Path;
 
     fn env(text: &str) -> EnvFile {

@@ -17,7 +17,7 @@
 use crate::contract::host::Manifest;
 use crate::contract::state::{Attempt, ReleaseSummary, State, StateError};
 use crate::deploy::release::{Layout, ReleaseError};
-use crate::error::ExitCode;
+use crate::error::exit_codes;
 use crate::s3::S3Object;
 
 /// A transition failed: the disk (release) or the state file.
@@ -31,14 +31,10 @@ pub enum HostError {
     State(#[from] StateError),
 }
 
-impl ExitCode for HostError {
-    fn exit_code(&self) -> i32 {
-        match self {
-            HostError::Release(e) => e.exit_code(),
-            HostError::State(e) => e.exit_code(),
-        }
-    }
-}
+exit_codes!(HostError {
+    Release(e) => e.exit_code(),
+    State(e) => e.exit_code(),
+});
 
 /// `current` and `state.json` of one host.
 #[derive(Debug, Clone, Copy)]

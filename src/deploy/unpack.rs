@@ -32,7 +32,7 @@ use std::path::{Component, Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 pub use crate::contract::host::{Compression, Stats};
-use crate::error::{ExitCode, exit};
+use crate::error::exit_codes;
 
 /// Size limits on one archive.
 #[derive(Debug, Clone, Copy)]
@@ -91,14 +91,10 @@ pub enum UnpackError {
     },
 }
 
-impl ExitCode for UnpackError {
-    fn exit_code(&self) -> i32 {
-        match self {
-            UnpackError::Io { .. } => exit::SOFTWARE,
-            _ => exit::DATAERR,
-        }
-    }
-}
+exit_codes!(UnpackError {
+    Io { .. } => SOFTWARE,
+    _ => DATAERR,
+});
 
 fn hostile(entry: &Path, reason: impl Into<String>) -> UnpackError {
     UnpackError::Hostile {
@@ -487,6 +483,7 @@ fn extract<R: Read>(decoded: R, dest: &Path, limits: &Limits) -> Result<Stats, U
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::ExitCode;
 
     #[test]
     fn link_targets() {

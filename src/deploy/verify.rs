@@ -23,7 +23,7 @@ use backon::{ExponentialBuilder, Retryable};
 use crate::config::SourceConfig;
 use crate::contract::keys::{self, is_sha256_hex};
 use crate::deploy::source::Artifact;
-use crate::error::{ExitCode, exit};
+use crate::error::exit_codes;
 use crate::s3::{self, S3Failure, S3Object};
 
 /// The head-object facts that the download is pinned to.
@@ -139,20 +139,16 @@ pub enum VerifyError {
     },
 }
 
-impl ExitCode for VerifyError {
-    fn exit_code(&self) -> i32 {
-        match self {
-            VerifyError::NotFound { .. } | VerifyError::NoSuchBucket(_) => exit::NOINPUT,
-            VerifyError::AccessDenied { .. } => exit::CONFIG,
-            VerifyError::Empty { .. }
-            | VerifyError::TooLarge { .. }
-            | VerifyError::MissingMetadata { .. }
-            | VerifyError::BadChecksumField { .. }
-            | VerifyError::PointerMismatch { .. } => exit::DATAERR,
-            VerifyError::Unavailable { .. } => exit::UNAVAILABLE,
-        }
-    }
-}
+exit_codes!(VerifyError {
+    NotFound { .. } | NoSuchBucket(_) => NOINPUT,
+    AccessDenied { .. } => CONFIG,
+    Empty { .. }
+    | TooLarge { .. }
+    | MissingMetadata { .. }
+    | BadChecksumField { .. }
+    | PointerMismatch { .. } => DATAERR,
+    Unavailable { .. } => UNAVAILABLE,
+});
 
 async fn head(
     s3: &Client,

@@ -30,9 +30,6 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use aws_config::BehaviorVersion;
-use aws_config::retry::RetryConfig;
-use aws_config::timeout::TimeoutConfig;
 use aws_sdk_ec2::config::Region;
 use aws_sdk_ec2::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_ec2::types::{Filter, Tag};
@@ -240,22 +237,16 @@ impl Ec2Tags {
         self.target
             .get_or_init(|| async {
                 let id = imds.identity().await?;
-                let shared = aws_config::defaults(BehaviorVersion::latest())
-                    .region(Region::new(id.region.clone()))
-                    .retry_config(
-                        RetryConfig::standard()
-                            .with_max_attempts(3)
-                            .with_initial_backoff(Duration::from_millis(200)),
-                    )
-                    .timeout_config(
-                        TimeoutConfig::builder()
-                            .connect_timeout(Duration::from_secs(2))
-                            .operation_attempt_timeout(Duration::from_secs(3))
-                            .operation_timeout(TAG_TIMEOUT)
-                            .build(),
-                    )
-                    .load()
-                    .await;
+                let shared = crate::s3::aws_loader(crate::s3::CallBudget {
+                    attempts: 3,
+                    connect: Duration::from_secs(2),
+                    read: None,
+                    attempt: Some(Duration::from_secs(3)),
+                    operation: Some(TAG_TIMEOUT),
+                })
+                .region(Region::new(id.region.clone()))
+                .load()
+                .await;
                 let mut builder = aws_sdk_ec2::config::Builder::from(&shared);
                 if let Some(url) = &self.cfg.ec2_endpoint_url {
                     builder = builder.endpoint_url(url);

@@ -320,11 +320,6 @@ impl ExitCode for TriggerError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::path::PathBuf;
-
-    fn file(name: &str) -> TriggerOrigin {
-        TriggerOrigin::File(PathBuf::from(name))
-    }
 
     #[test]
     fn merge_rules() {
@@ -332,7 +327,7 @@ mod tests {
         a.bucket = Some("b1".into());
         a.key = Some("k1".into());
         a.reason = Some("one".into());
-        let mut b = Trigger::new(file("x"));
+        let mut b = Trigger::new(TriggerOrigin::File(PathBuf::from("x")));
         b.force_rebuild = true;
         b.reason = Some("two".into());
         a.merge(b);
