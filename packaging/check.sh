@@ -4,7 +4,7 @@
 #   packaging/check.sh --install-deps   install the tools the packaging tests
 #                                       need (idempotent; Debian 12, as root)
 #   packaging/check.sh                  run the packaging tests
-#                                       (cargo test --test packaging)
+#                                       (cargo test --test packaging --test packages)
 #   packaging/check.sh --boot [USER_DATA]
 #                                       build a .deb from target/debug/deployd
 #                                       and run packaging/boot-test.sh with it
@@ -47,7 +47,7 @@ case "${1:-}" in
         install_deps
         ;;
     "")
-        cargo test --locked --test packaging -- --nocapture
+        cargo test --locked --test packaging --test packages -- --nocapture
         ;;
     --boot)
         cargo build --locked

@@ -7,15 +7,20 @@
 //! file at the default path means "all defaults", a missing file named explicitly is an error.
 
 pub mod envfile;
+mod sections;
+mod values;
 
-use std::fmt;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
-use serde::{Deserialize, Deserializer};
+use serde::Deserialize;
 
 use crate::error::{ExitCode, exit};
 pub use crate::s3::S3Config;
+pub use sections::{
+    ContainersConfig, DaemonConfig, ReleasesConfig, ReportConfig, SourceConfig, TriggersConfig,
+    UnpackConfig,
+};
+pub use values::{HumanDuration, Size, parse_size};
 
 /// Where the configuration lives unless `--config` or `DEPLOYD_CONFIG` say otherwise.
 pub const DEFAULT_PATH: &str = "/etc/deployd/deployd.toml";
@@ -59,70 +64,6 @@ pub enum ConfigError {
 impl ExitCode for ConfigError {
     fn exit_code(&self) -> i32 {
         exit::CONFIG
-    }
-}
-
-/// Parses a size the human way (`"64MiB"`, `"4GiB"`, or bytes), for command-line flags.
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    s.trim()
-        .parse::<bytesize::ByteSize>()
-        .map(|b| b.as_u64())
-        .map_err(|e| format!("invalid size {s:?}: {e}"))
-}
-
-/// A duration written the human way: `"5m"`, `"120s"`, `"1h 30m"`, `"0s"`.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub struct HumanDuration(pub Duration);
-
-impl fmt::Debug for HumanDuration {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", humantime::format_duration(self.0))
-    }
-}
-
-impl<'de> Deserialize<'de> for HumanDuration {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(d)?;
-        humantime::parse_duration(text.trim())
-            .map(HumanDuration)
-            .map_err(|e| {
-                serde::de::Error::custom(format!(
-                    "invalid duration {text:?} ({e}); write a number and a unit, like \"30s\", \"5m\" or \"1h\""
-                ))
-            })
-    }
-}
-
-/// A byte size written the human way: `"4GiB"`, `"512 MiB"`, or a plain integer of bytes.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub struct Size(pub u64);
-
-impl fmt::Debug for Size {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", bytesize::ByteSize(self.0).display().iec())
-    }
-}
-
-impl<'de> Deserialize<'de> for Size {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Int(u64),
-            Text(String),
-        }
-        match Raw::deserialize(d)? {
-            Raw::Int(n) => Ok(Size(n)),
-            Raw::Text(t) => t
-                .trim()
-                .parse::<bytesize::ByteSize>()
-                .map(|b| Size(b.as_u64()))
-                .map_err(|e| {
-                    serde::de::Error::custom(format!(
-                        "invalid size {t:?} ({e}); write a number and a unit, like \"512MiB\" or \"4GiB\""
-                    ))
-                }),
-        }
     }
 }
 
@@ -175,170 +116,6 @@ impl Default for Config {
             triggers: TriggersConfig::default(),
             daemon: DaemonConfig::default(),
             path: None,
-        }
-    }
-}
-
-/// `[source]`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct SourceConfig {
-    /// Used when `DEPLOYMENT_BUCKET` / `DEPLOYMENT_KEY` are not set.
-    pub bucket: String,
-    /// The artifact's key, with `bucket`.
-    pub key: String,
-    /// The legacy bucket template (`{account_id}`, …).
-    pub legacy_bucket: String,
-    /// The legacy key template (`{pr_number}`, `{tag:NAME}`, …).
-    pub legacy_key: String,
-    /// How long a 404 is retried (CI may still be uploading).
-    pub wait_for_artifact: HumanDuration,
-    /// Larger artifacts are refused before download.
-    pub max_artifact_size: Size,
-    /// User metadata every artifact must carry.
-    pub required_metadata: Vec<String>,
-    /// Minisign public key; when set, unsigned artifacts are refused.
-    pub public_key: Option<String>,
-    /// A release pointer to follow, with `bucket`.
-    pub pointer_key: Option<String>,
-}
-
-impl Default for SourceConfig {
-    fn default() -> Self {
-        SourceConfig {
-            bucket: String::new(),
-            key: String::new(),
-            legacy_bucket: "macro-ai-deployment-artifacts-{account_id}".into(),
-            legacy_key: "express-api/pr-{pr_number}/express-api-deployment.tar.gz".into(),
-            wait_for_artifact: HumanDuration(Duration::from_secs(300)),
-            max_artifact_size: Size(4 << 30),
-            required_metadata: Vec::new(),
-            public_key: None,
-            pointer_key: None,
-        }
-    }
-}
-
-/// `[unpack]`: limits on one archive.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct UnpackConfig {
-    /// Archive entries.
-    pub max_entries: u64,
-    /// Bytes of file content.
-    pub max_bytes: Size,
-    /// Bytes in one entry's path.
-    pub max_path_len: usize,
-}
-
-impl Default for UnpackConfig {
-    fn default() -> Self {
-        UnpackConfig {
-            max_entries: 200_000,
-            max_bytes: Size(16 << 30),
-            max_path_len: 4096,
-        }
-    }
-}
-
-/// `[releases]`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ReleasesConfig {
-    /// Releases kept on disk (the serving and previous good ones always are).
-    pub keep: usize,
-}
-
-impl Default for ReleasesConfig {
-    fn default() -> Self {
-        ReleasesConfig { keep: 5 }
-    }
-}
-
-/// `[containers]`: the container stage (its defaults live here and only here).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ContainersConfig {
-    /// Run the container stage when a release has a compose file.
-    pub enabled: bool,
-    /// Compose file, relative to the release directory.
-    pub compose_file: String,
-    /// How long each service may take to become healthy.
-    pub health_timeout: HumanDuration,
-    /// How long a service without healthcheck must keep running to count as healthy.
-    pub health_grace: HumanDuration,
-    /// App cache paths `clear-cache` deletes inside release directories.
-    pub clear_paths: Vec<String>,
-}
-
-impl Default for ContainersConfig {
-    fn default() -> Self {
-        ContainersConfig {
-            enabled: true,
-            compose_file: "docker-compose.yml".into(),
-            health_timeout: HumanDuration(Duration::from_secs(120)),
-            health_grace: HumanDuration(Duration::from_secs(5)),
-            clear_paths: vec![".next".into(), ".turbo".into(), "__pycache__".into()],
-        }
-    }
-}
-
-/// `[report]`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ReportConfig {
-    /// Write `deployd:*` tags on this instance.
-    pub ec2_tags: bool,
-    /// The tags' prefix.
-    pub tag_prefix: String,
-    /// A node_exporter textfile to write after every deployment.
-    pub metrics_file: Option<PathBuf>,
-    /// Default: the SDK's own resolution (`AWS_ENDPOINT_URL_EC2`, `AWS_ENDPOINT_URL`).
-    pub ec2_endpoint_url: Option<String>,
-}
-
-impl Default for ReportConfig {
-    fn default() -> Self {
-        ReportConfig {
-            ec2_tags: true,
-            tag_prefix: "deployd:".into(),
-            metrics_file: None,
-            ec2_endpoint_url: None,
-        }
-    }
-}
-
-/// `[triggers]`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct TriggersConfig {
-    /// `0s` turns polling off.
-    pub poll_interval: HumanDuration,
-    /// Besides root, who may drop trigger files.
-    pub trusted_group: String,
-}
-
-impl Default for TriggersConfig {
-    fn default() -> Self {
-        TriggersConfig {
-            poll_interval: HumanDuration(Duration::ZERO),
-            trusted_group: String::new(),
-        }
-    }
-}
-
-/// `[daemon]`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct DaemonConfig {
-    /// How long `SIGTERM` may take to reach a safe stopping point.
-    pub stop_timeout: HumanDuration,
-}
-
-impl Default for DaemonConfig {
-    fn default() -> Self {
-        DaemonConfig {
-            stop_timeout: HumanDuration(Duration::from_secs(30)),
         }
     }
 }
@@ -597,6 +374,7 @@ fn toml_error(path: &Path, text: &str, err: &toml::de::Error) -> ConfigError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(text, Path::new("/etc/deployd/deployd.toml"))
