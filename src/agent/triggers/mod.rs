@@ -194,8 +194,8 @@ impl Trigger {
 impl fmt::Display for Trigger {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", self.origin)?;
-        if let (Some(bucket), Some(key)) = (&self.bucket, &self.key) {
-            write!(f, " for s3://{bucket}/{key}")?;
+        if let Some(target) = self.target() {
+            write!(f, " for {target}")?;
         }
         if self.force_rebuild {
             f.write_str(", force rebuild")?;
