@@ -308,3 +308,71 @@ fn releases_lists_what_status_and_rollback_see() {
     host.run(&["rollback", "no-such-release"])
         .fails_with(64, "`deployd releases` lists the releases on disk");
 }
+
+#[test]
+fn a_container_deploy_in_a_terminal_shows_the_build_and_its_cache_hits() {
+    if !common::docker::engine_answers() {
+        return;
+    }
+    let app = common::docker::App::new("tty");
+    let mut host = Host::new();
+    host.app = app.project.clone();
+    host.write_config(
+        "",
+        "[containers]\nenabled = true\nhealth_timeout = \"20s\"\nhealth_grace = \"1s\"\n",
+    );
+    host.write_env(&format!("HOST_PORT={}\n", app.port));
+    let mut screens = Vec::new();
+    for v in ["v1", "v2"] {
+        let mut variant = common::docker::Variant::new(v);
+        variant.multistage = true;
+        // busybox httpd ignores SIGTERM as PID 1: let the restart stop it at once.
+        variant.extra_dockerfile = "STOPSIGNAL SIGKILL\n".into();
+        let body = common::tar_gz_dir(&app.release(v, &variant));
+        let key = format!("web/{v}.tar.gz");
+        host.s3
+            .publish(&host.bucket, &key, &body, &format!("{v}{v}abcdef0123"));
+        let (code, lines, raw) =
+            on_terminal(&host, &["deploy", "--bucket", &host.bucket, "--key", &key]);
+        assert_eq!(code, 0, "{raw}");
+        // The build's bar counted steps while it ran.
+        assert!(raw.contains("backend: step "), "{raw}");
+        screens.push(lines);
+    }
+    let v2 = &screens[1];
+    let screen = v2.join("\n");
+    let names: Vec<String> = stage_lines(v2).iter().map(|l| stage_of(l)).collect();
+    assert_eq!(
+        names,
+        [
+            "resolving",
+            "verifying",
+            "fetching",
+            "activating",
+            "waiting for docker",
+            "building",
+            "starting"
+        ],
+        "{screen}"
+    );
+    let building = v2.iter().find(|l| l.contains(" building ")).unwrap();
+    let hits: u64 = building
+        .split("  ")
+        .last()
+        .and_then(|d| d.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("`N of M steps from cache` on {building:?}"));
+    assert!(hits > 0, "{building}");
+    assert!(building.ends_with("steps from cache"), "{building}");
+    let release = host.current().unwrap();
+    assert!(
+        v2.iter()
+            .any(|l| l.starts_with("  build     ") && l.ends_with("steps from cache")),
+        "{screen}"
+    );
+    assert!(
+        v2.iter()
+            .any(|l| *l == format!("  serving   {release} (commit v2v2abcd), containers healthy")),
+        "{screen}"
+    );
+}
