@@ -50,8 +50,8 @@ impl Output {
         let under_journal = std::env::var_os("JOURNAL_STREAM").is_some();
         match format {
             Some(LogFormat::Json) => Output::Json,
+            _ if under_journal => Output::Journal,
             Some(LogFormat::Text) => Output::Text,
-            None if under_journal => Output::Journal,
             None if wants_view
                 && !verbose
                 && std::env::var_os("RUST_LOG").is_none()
