@@ -64,5 +64,7 @@ runcmd:
   - [sh, -c, 'test "\$(cat /var/lib/deployd/current/index.html)" = "booted release"']
 YAML
 cargo build --locked --quiet
+# The man pages and shell completions the package ships (Cargo.toml's deb assets).
+"${CARGO_TARGET_DIR:-target}/debug/deployd" generate all --out "${CARGO_TARGET_DIR:-target}/debug/generated" >/dev/null
 cargo deb --no-build --no-strip --fast --profile dev --quiet --output "$work/deployd.deb"
 BOOT_RUN_ARGS="--network host" BOOT_TIMEOUT=600 packaging/boot-test.sh "$work/deployd.deb" "$work/user-data.yaml"

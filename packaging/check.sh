@@ -51,6 +51,8 @@ case "${1:-}" in
         ;;
     --boot)
         cargo build --locked
+        # The man pages and shell completions the package ships (Cargo.toml's deb assets).
+        "${CARGO_TARGET_DIR:-target}/debug/deployd" generate all --out "${CARGO_TARGET_DIR:-target}/debug/generated"
         out=$(mktemp -d)
         trap 'rm -rf "$out"' EXIT
         cargo deb --no-build --no-strip --fast --profile dev --quiet --output "$out/deployd.deb"

@@ -66,6 +66,7 @@ fn deb_package_installs_enables_and_purges_cleanly() {
         return;
     }
     let bin = deployd_binary();
+    generate_assets(&bin);
     let (target_dir, profile) = target_dir_and_profile(&bin);
     let work = tempfile::tempdir().expect("tempdir");
     let out_dir = work.path().join("out");
@@ -90,12 +91,20 @@ fn deb_package_installs_enables_and_purges_cleanly() {
     // File list and modes as recorded in the archive.
     let listing = stdout(&run(Command::new("dpkg-deb").arg("-c").arg(&deb)));
     println!("{listing}");
+    let generated = generated_paths("/usr/share/zsh/vendor-completions");
+    let generated = generated.iter().map(|p| (format!(".{p}"), "-rw-r--r--"));
     for (path, perms) in [
-        ("./usr/bin/deployd", "-rwxr-xr-x"),
-        ("./usr/lib/systemd/system/deployd.service", "-rw-r--r--"),
-        ("./usr/lib/tmpfiles.d/deployd.conf", "-rw-r--r--"),
-        ("./etc/deployd/deployd.toml", "-rw-r--r--"),
-    ] {
+        ("./usr/bin/deployd".to_string(), "-rwxr-xr-x"),
+        (
+            "./usr/lib/systemd/system/deployd.service".into(),
+            "-rw-r--r--",
+        ),
+        ("./usr/lib/tmpfiles.d/deployd.conf".into(), "-rw-r--r--"),
+        ("./etc/deployd/deployd.toml".into(), "-rw-r--r--"),
+    ]
+    .into_iter()
+    .chain(generated)
+    {
         let line = listing
             .lines()
             .find(|l| l.ends_with(&format!(" {path}")))
@@ -149,6 +158,7 @@ fn deb_package_installs_enables_and_purges_cleanly() {
     dpkg_in(&root, &["--install".as_ref(), deb.as_os_str()]);
 
     assert_same_bytes(&root.join("usr/bin/deployd"), &bin);
+    assert_installed_docs_work(&root);
     for (path, want) in [
         ("usr/bin/deployd", 0o755),
         ("usr/lib/systemd/system/deployd.service", 0o644),
@@ -239,12 +249,37 @@ fn deb_package_installs_enables_and_purges_cleanly() {
     assert!(!config.exists(), "purge left /etc/deployd/deployd.toml");
 }
 
+/// The installed man page is a gzipped page for `deployd` listing the commands, and bash
+/// loads the installed completion for `deployd`.
+fn assert_installed_docs_work(root: &Path) {
+    let gz = fs::read(root.join("usr/share/man/man1/deployd.1.gz")).expect("read the man page");
+    let mut page = String::new();
+    std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(&gz[..]), &mut page)
+        .expect("the man page is gzip");
+    assert!(page.contains(".TH deployd 1"), "{page}");
+    assert!(
+        page.contains("deployd\\-releases"),
+        "the page lists the commands:\n{page}"
+    );
+    if !have("bash", &["--version"]) {
+        return;
+    }
+    let completion = root.join("usr/share/bash-completion/completions/deployd");
+    let spec = stdout(&run(Command::new("bash")
+        .arg("-c")
+        .arg("source \"$1\" && complete -p deployd")
+        .arg("bash")
+        .arg(&completion)));
+    assert!(spec.contains("deployd"), "bash completion spec: {spec}");
+}
+
 #[test]
 fn rpm_package_has_files_config_flags_and_scriptlets() {
     if !have(&cargo(), &["generate-rpm", "--version"]) || !have("rpm", &["--version"]) {
         return;
     }
     let bin = deployd_binary();
+    generate_assets(&bin);
     let (target_dir, profile) = target_dir_and_profile(&bin);
     let work = tempfile::tempdir().expect("tempdir");
     let rpm_file = work.path().join("deployd.rpm");
@@ -281,12 +316,16 @@ fn rpm_package_has_files_config_flags_and_scriptlets() {
             .unwrap_or_else(|| panic!("{path} is not in the .rpm:\n{files}"));
         line.split_whitespace().map(str::to_string).collect()
     };
+    let generated = generated_paths("/usr/share/zsh/site-functions");
     for (path, perms) in [
         ("/usr/bin/deployd", "-rwxr-xr-x"),
         ("/usr/lib/systemd/system/deployd.service", "-rw-r--r--"),
         ("/usr/lib/tmpfiles.d/deployd.conf", "-rw-r--r--"),
         ("/etc/deployd/deployd.toml", "-rw-r--r--"),
-    ] {
+    ]
+    .into_iter()
+    .chain(generated.iter().map(|p| (p.as_str(), "-rw-r--r--")))
+    {
         let e = entry(path);
         assert_eq!(
             (e[0].as_str(), e[1].as_str()),

@@ -115,7 +115,7 @@ impl Agent {
             let notifier = notifier.clone();
             Box::new(move |text: &str| notifier.status(text)) as crate::report::StatusSink
         };
-        let reporter = Arc::new(Reporter::new(cfg.paths().status_file, false, Some(sink)));
+        let reporter = Arc::new(Reporter::new(cfg.paths().status_file, Some(sink)));
         let (cancel, cancel_rx) = watch::channel(false);
         let s3 = crate::s3::client(&cfg.s3).await?;
         let deployer = Deployer::new(cfg, s3, reporter.clone()).with_cancel(cancel_rx);

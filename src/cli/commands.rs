@@ -15,25 +15,35 @@ use crate::config::Config;
 use crate::config::envfile::EnvFile;
 use crate::contract::signature;
 use crate::contract::state::Outcome;
+use crate::deploy::release::Layout;
 use crate::deploy::source::{self, Artifact, Origin};
+use crate::deploy::state::Host;
 use crate::deploy::verify;
 use crate::deploy::{Deployer, Done, Request};
 use crate::error::exit;
 use crate::instance::Instance;
+use crate::logging::Output;
 use crate::report::Reporter;
 use crate::report::status::Snapshot;
+use crate::report::terminal::View;
 use crate::s3::S3Object;
 
-async fn deployer(cfg: Config, terminal: bool) -> Result<Deployer, Failure> {
+async fn deployer(cfg: Config, view: Option<View>) -> Result<Deployer, Failure> {
     let s3 = crate::s3::client(&cfg.s3).await?;
-    let reporter = Arc::new(Reporter::new(cfg.paths().status_file, terminal, None));
+    let reporter = Arc::new(Reporter::new(cfg.paths().status_file, None).with_view(view));
     Ok(Deployer::new(cfg, s3, reporter))
 }
 
 /// Runs the parsed command; returns the exit code.
-pub(super) async fn dispatch(cli: Cli) -> Result<i32, Failure> {
+pub(super) async fn dispatch(cli: Cli, output: Output) -> Result<i32, Failure> {
+    if let Command::Generate(what) = cli.command {
+        // Packaging runs it on a build machine: no config is read.
+        return super::generate::run(what);
+    }
     let cfg = Config::load(cli.config.as_deref())?;
     match cli.command {
+        // Answered above, before the config is read.
+        Command::Generate(_) => Ok(exit::OK),
         Command::Run => {
             let agent = Agent::new(cli.config.clone(), cfg).await?;
             agent.run(agent::shutdown_signal()?).await?;
@@ -77,7 +87,7 @@ pub(super) async fn dispatch(cli: Cli) -> Result<i32, Failure> {
             if no_containers {
                 cfg.containers.enabled = false;
             }
-            let d = deployer(cfg, true).await?;
+            let d = deployer(cfg, View::for_output(output)).await?;
             let req = Request {
                 target: bucket.zip(key).map(|(b, k)| S3Object::new(b, k)),
                 force,
@@ -125,13 +135,13 @@ pub(super) async fn dispatch(cli: Cli) -> Result<i32, Failure> {
             timeout,
         } => status(&cfg, json, wait.then_some(timeout.0)).await,
         Command::Rollback { release } => {
-            let d = deployer(cfg, false).await?;
+            let d = deployer(cfg, None).await?;
             let id = d.rollback(release.as_deref()).await?;
             println!("current release is now {id}");
             Ok(exit::OK)
         }
         Command::ClearCache => {
-            let d = deployer(cfg, false).await?;
+            let d = deployer(cfg, None).await?;
             let report = d.clear_cache().await?;
             println!(
                 "removed {} images and {} dangling images, reclaimed {} of builder cache, deleted {} app cache paths; the next build starts without cache",
@@ -198,8 +208,71 @@ pub(super) async fn dispatch(cli: Cli) -> Result<i32, Failure> {
                 exit::DATAERR
             })
         }
+        Command::Releases { json } => releases(&cfg, json),
         Command::CheckConfig => check_config(&cfg).await,
     }
+}
+
+/// `deployd releases`: the releases on disk, newest first, as a table or JSON.
+fn releases(cfg: &Config, json: bool) -> Result<i32, Failure> {
+    let layout = Layout::new(cfg.paths());
+    let list = Host::new(&layout).releases()?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&list).unwrap_or_default()
+        );
+        return Ok(exit::OK);
+    }
+    if list.is_empty() {
+        println!("no releases under {}", layout.paths().releases.display());
+        return Ok(exit::OK);
+    }
+    let or_dash = |o: Option<&str>| o.unwrap_or("-").to_string();
+    let mut rows = vec![
+        [
+            "RELEASE",
+            "STATUS",
+            "COMMIT",
+            "ACTIVATED",
+            "SIZE",
+            "ARTIFACT",
+        ]
+        .map(String::from),
+    ];
+    for r in &list {
+        let status = match (r.serving, r.previous_good, r.rolled_back, &r.incomplete) {
+            (_, _, _, Some(_)) => "incomplete",
+            (true, _, _, _) => "serving",
+            (_, true, _, _) => "previous",
+            (_, _, true, _) => "rolled back",
+            _ => "",
+        };
+        rows.push([
+            r.id.clone(),
+            status.to_string(),
+            or_dash(r.commit.as_deref().map(|c| &c[..c.len().min(8)])),
+            or_dash(r.activated_at.as_deref()),
+            or_dash(
+                r.unpacked_bytes
+                    .map(|b| ByteSize(b).display().iec().to_string())
+                    .as_deref(),
+            ),
+            or_dash(r.artifact.as_ref().map(ToString::to_string).as_deref()),
+        ]);
+    }
+    let widths: Vec<usize> = (0..6)
+        .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
+        .collect();
+    for row in &rows {
+        let line: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        println!("{}", line.join("  ").trim_end());
+    }
+    Ok(exit::OK)
 }
 
 /// `deployd check-config`: the resolved source, the identity, tags and metrics.

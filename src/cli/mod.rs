@@ -6,6 +6,7 @@
 //! [`crate::error::ExitCode`].
 
 mod commands;
+mod generate;
 
 use std::path::PathBuf;
 
@@ -13,7 +14,7 @@ use clap::{Parser, Subcommand};
 
 use crate::config::HumanDuration;
 use crate::error::{ExitCode, exit};
-use crate::logging::{self, LogFormat};
+use crate::logging::{self, LogFormat, Output};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -25,10 +26,11 @@ pub(crate) struct Cli {
     /// Config file [default: /etc/deployd/deployd.toml]
     #[arg(long, global = true, env = "DEPLOYD_CONFIG")]
     pub(crate) config: Option<PathBuf>,
-    /// Log format on stderr.
-    #[arg(long, global = true, value_enum, default_value = "text")]
-    pub(crate) log_format: LogFormat,
-    /// Debug logging.
+    /// Log format on stderr [default: text; `deploy` in a terminal shows its stages,
+    /// progress bars and a summary instead].
+    #[arg(long, global = true, value_enum)]
+    pub(crate) log_format: Option<LogFormat>,
+    /// Debug logging (and the logs instead of `deploy`'s terminal view).
     #[arg(short, long, global = true)]
     pub(crate) verbose: bool,
     #[command(subcommand)]
@@ -77,6 +79,7 @@ pub(crate) enum Command {
     },
     /// Run the head-object checks on s3://bucket/key and print what they found.
     Verify {
+        /// The artifact: s3://bucket/key.
         url: String,
         /// How long to wait for the key to appear.
         #[arg(long, default_value = "0s", value_parser = parse_duration)]
@@ -84,6 +87,7 @@ pub(crate) enum Command {
     },
     /// Show what is serving and the last result.
     Status {
+        /// Print the live status and the state as JSON.
         #[arg(long)]
         json: bool,
         /// Wait until the running deployment ends; exit 0 if serving, non-zero otherwise.
@@ -94,7 +98,17 @@ pub(crate) enum Command {
         timeout: HumanDuration,
     },
     /// Point `current` back at the previous good release (or RELEASE).
-    Rollback { release: Option<String> },
+    Rollback {
+        /// A release id, as `deployd releases` lists them.
+        release: Option<String>,
+    },
+    /// List the releases on disk, newest first: the serving one, the previous good one, and
+    /// what each was built from.
+    Releases {
+        /// One JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Validate the config and environment and print the resolved source.
     CheckConfig,
     /// Remove the project's images, the builder cache and the app cache paths.
@@ -103,6 +117,9 @@ pub(crate) enum Command {
     Publish(crate::ci::publish::PublishRequest),
     /// CI: delete old artifacts per environment, keeping the newest, the young and the pointed-at.
     Gc(crate::ci::gc::GcRequest),
+    /// Packaging: write the man pages and shell completions.
+    #[command(hide = true, subcommand)]
+    Generate(generate::Generate),
 }
 
 fn parse_duration(s: &str) -> Result<HumanDuration, String> {
@@ -144,7 +161,12 @@ pub fn main() -> i32 {
             return code;
         }
     };
-    logging::init(cli.log_format, cli.verbose);
+    let output = Output::choose(
+        cli.log_format,
+        cli.verbose,
+        matches!(cli.command, Command::Deploy { .. }),
+    );
+    logging::init(output, cli.verbose);
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -155,7 +177,7 @@ pub fn main() -> i32 {
             return exit::SOFTWARE;
         }
     };
-    match runtime.block_on(commands::dispatch(cli)) {
+    match runtime.block_on(commands::dispatch(cli, output)) {
         Ok(code) => code,
         Err(f) => {
             eprintln!("deployd: error: {}", f.message);

@@ -79,6 +79,23 @@ pub struct ServiceBuild {
     pub duration: Duration,
 }
 
+/// Told `(service, step, steps)` as a build reaches each step: a progress bar's input.
+pub type OnStep = std::sync::Arc<dyn Fn(&str, usize, usize) + Send + Sync>;
+
+/// The engine's [`OnStep`], if one was set.
+#[derive(Clone, Default)]
+pub(crate) struct StepHook(Option<OnStep>);
+
+impl std::fmt::Debug for StepHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "StepHook(set)"
+        } else {
+            "StepHook"
+        })
+    }
+}
+
 /// `<image-repo>:<release-id>` for a service.
 pub(crate) fn release_image(service: &Service, release_id: &str) -> String {
     format!("{}:{release_id}", split_image(&service.image).0)
@@ -154,6 +171,8 @@ struct StepCounter {
     hits: usize,
     /// The number of the last step that is the Dockerfile's own.
     last_own: usize,
+    /// The step the build is at and the number of steps, as the builder numbers them.
+    at: Option<(usize, usize)>,
     image_id: Option<String>,
 }
 
@@ -195,12 +214,11 @@ impl StepCounter {
         if let Some(rest) = line.strip_prefix("Step ") {
             let (number, instruction) = rest.split_once(" : ").unwrap_or((rest, ""));
             let instruction = instruction.trim_start();
-            let n = number
-                .split_once('/')
-                .map_or(number, |(n, _)| n)
-                .trim()
-                .parse::<usize>()
-                .unwrap_or(usize::MAX);
+            let (n, of) = number.split_once('/').unwrap_or((number, ""));
+            let n = n.trim().parse::<usize>().unwrap_or(usize::MAX);
+            if let Ok(of) = of.trim().parse::<usize>() {
+                self.at = Some((n.min(of), of));
+            }
             let own = !self.appended_label(instruction);
             if own && n != usize::MAX {
                 self.last_own = self.last_own.max(n);
@@ -241,6 +259,12 @@ struct BuildRun<'a> {
 }
 
 impl Engine {
+    /// This engine, telling `on_step` as each build reaches each step.
+    pub fn with_step_hook(mut self, on_step: OnStep) -> Engine {
+        self.on_step = StepHook(Some(on_step));
+        self
+    }
+
     /// Build every service with `build:`. Nothing is stopped or started.
     pub async fn build(
         &self,
@@ -480,11 +504,18 @@ impl Engine {
         let mut counter = StepCounter::new(run.skip_upto, labels.keys().cloned().collect());
         let mut aux_id = None;
         let mut error = None;
+        let mut told = None;
         while let Some(item) = stream.next().await {
             match item {
                 Ok(info) => {
                     if let Some(text) = &info.stream {
                         counter.feed(&service.name, text);
+                        if let (Some(on_step), Some((step, steps))) = (&self.on_step.0, counter.at)
+                            && told != counter.at
+                        {
+                            told = counter.at;
+                            on_step(&service.name, step, steps);
+                        }
                     }
                     if let Some(id) = info.aux.and_then(|a| a.id) {
                         aux_id = Some(id);

@@ -98,6 +98,8 @@ pub struct Engine {
     pub(crate) docker: Docker,
     pub(crate) facts: EngineFacts,
     pub(crate) decision: BuilderDecision,
+    /// Told about each build step (see [`Engine::with_step_hook`]).
+    pub(crate) on_step: super::build::StepHook,
 }
 
 impl Engine {
@@ -173,6 +175,7 @@ impl Engine {
             docker,
             facts,
             decision,
+            on_step: Default::default(),
         })
     }
 

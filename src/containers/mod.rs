@@ -36,7 +36,7 @@ pub(crate) mod engine;
 pub(crate) mod error;
 pub(crate) mod run;
 
-pub use build::{BuildReport, ServiceBuild};
+pub use build::{BuildReport, OnStep, ServiceBuild};
 pub use cache::ClearReport;
 pub use compose::{
     BuildSpec, DependCondition, Dependency, HealthSpec, MountSpec, NamedObject, PortSpec, Project,

@@ -30,6 +30,10 @@ impl Deployer {
         }
         self.reporter.stage(Stage::WaitingForDocker, None);
         let engine = self.cancellable(Engine::connect(DOCKER_WAIT)).await?;
+        let reporter = self.reporter.clone();
+        let engine = engine.with_step_hook(std::sync::Arc::new(move |service, step, steps| {
+            reporter.build_step(service, step, steps)
+        }));
         Ok(self.engine.get_or_init(|| async { engine }).await)
     }
 

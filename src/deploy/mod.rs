@@ -395,6 +395,7 @@ impl Deployer {
         self.reporter.stage(Stage::Activating, None);
         let manifest = self.manifest(&artifact, &verified, &staged);
         let id = manifest.id.clone();
+        self.reporter.release(&id, manifest.commit());
         let containers = self.has_containers(staged.staging.path());
         if containers {
             // A broken compose file is refused before anything is installed or built.

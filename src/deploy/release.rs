@@ -29,7 +29,9 @@ pub enum ReleaseError {
         path: PathBuf,
     },
     /// No such release on disk.
-    #[error("release {id} does not exist under {dir}; `deployd status` lists the releases on disk")]
+    #[error(
+        "release {id} does not exist under {dir}; `deployd releases` lists the releases on disk"
+    )]
     NoSuchRelease {
         /// The release id.
         id: String,

@@ -15,7 +15,7 @@
 //! [`crate::deploy::release`].
 
 use crate::contract::host::Manifest;
-use crate::contract::state::{Attempt, ReleaseSummary, State, StateError};
+use crate::contract::state::{Attempt, Outcome, ReleaseSummary, State, StateError};
 use crate::deploy::release::{Layout, ReleaseError};
 use crate::error::exit_codes;
 use crate::s3::S3Object;
@@ -36,6 +36,110 @@ exit_codes!(HostError {
     State(e) => e.exit_code(),
 });
 
+/// A release on disk as `deployd releases` lists it: what its manifest says, and what
+/// `current` and `state.json` say of it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ReleaseEntry {
+    /// The release id (its directory under `releases/`; what `deployd rollback` takes).
+    pub id: String,
+    /// The commit it was built from, if the artifact said.
+    pub commit: Option<String>,
+    /// The artifact it was unpacked from.
+    #[serde(flatten)]
+    pub artifact: Option<S3Object>,
+    /// Lower-case hex SHA-256 of the artifact.
+    pub sha256: Option<String>,
+    /// The artifact's size in bytes.
+    pub artifact_bytes: Option<u64>,
+    /// Bytes of file content unpacked.
+    pub unpacked_bytes: Option<u64>,
+    /// RFC 3339, when it was downloaded.
+    pub fetched_at: Option<String>,
+    /// RFC 3339, when it last became the serving release, if the state remembers.
+    pub activated_at: Option<String>,
+    /// `current` points at it.
+    pub serving: bool,
+    /// The previous good release: where `deployd rollback` goes without an argument.
+    pub previous_good: bool,
+    /// Its last deployment was unhealthy and rolled back.
+    pub rolled_back: bool,
+    /// Why it is incomplete (no readable manifest), if it is.
+    pub incomplete: Option<String>,
+}
+
+impl ReleaseEntry {
+    fn new(
+        id: String,
+        manifest: Result<Manifest, ReleaseError>,
+        state: &State,
+        serving: bool,
+    ) -> Self {
+        let recorded = [state.current.as_ref(), state.previous_good.as_ref()]
+            .into_iter()
+            .flatten()
+            .find(|r| r.id == id)
+            .map(|r| r.activated_at.clone());
+        let activated_at = recorded.or_else(|| {
+            state
+                .history
+                .iter()
+                .find(|a| a.release.as_deref() == Some(id.as_str()))
+                .filter(|a| matches!(a.outcome, Outcome::Deployed | Outcome::RolledBack))
+                .map(|a| a.finished_at.clone())
+        });
+        let mut entry = ReleaseEntry {
+            serving,
+            previous_good: state.previous_good.as_ref().is_some_and(|r| r.id == id),
+            activated_at,
+            id,
+            commit: None,
+            artifact: None,
+            sha256: None,
+            artifact_bytes: None,
+            unpacked_bytes: None,
+            fetched_at: None,
+            rolled_back: false,
+            incomplete: None,
+        };
+        match manifest {
+            Ok(m) => {
+                // The newest attempt that concerns this release: one that names it, or a
+                // rollback of its artifact after it was downloaded (which names no release).
+                let last = state.history.iter().find(|a| {
+                    a.release.as_deref() == Some(m.id.as_str())
+                        || (a.release.is_none()
+                            && a.artifact.as_ref().is_some_and(|o| {
+                                o.bucket == m.artifact.bucket && o.key == m.artifact.key
+                            })
+                            && later(&a.finished_at, &m.fetched_at))
+                });
+                entry.rolled_back = !serving
+                    && last
+                        .is_some_and(|a| a.outcome == Outcome::RolledBack && a.release.is_none());
+                entry.commit = m.commit().map(str::to_string);
+                entry.sha256 = Some(m.sha256);
+                entry.artifact_bytes = Some(m.size);
+                entry.unpacked_bytes = Some(m.unpacked.bytes);
+                entry.fetched_at = Some(m.fetched_at);
+                entry.artifact = Some(m.artifact);
+            }
+            Err(e) => entry.incomplete = Some(e.to_string()),
+        }
+        entry
+    }
+}
+
+/// Whether RFC 3339 time `a` is at or after `b` (false if either does not parse).
+fn later(a: &str, b: &str) -> bool {
+    match (
+        humantime::parse_rfc3339_weak(a),
+        humantime::parse_rfc3339_weak(b),
+    ) {
+        (Ok(a), Ok(b)) => a >= b,
+        _ => false,
+    }
+}
+
 /// `current` and `state.json` of one host.
 #[derive(Debug, Clone, Copy)]
 pub struct Host<'a> {
@@ -55,6 +159,23 @@ impl<'a> Host<'a> {
 
     fn save(&self, state: &State) -> Result<(), StateError> {
         state.save(&self.layout.paths().state_file)
+    }
+
+    /// The releases on disk, newest first, with what `current` and the state say of each.
+    pub fn releases(&self) -> Result<Vec<ReleaseEntry>, HostError> {
+        let state = self.load()?;
+        let serving = self.layout.current_id();
+        Ok(self
+            .layout
+            .release_ids()?
+            .into_iter()
+            .rev()
+            .map(|id| {
+                let manifest = self.layout.manifest(&id);
+                let serves = serving.as_deref() == Some(id.as_str());
+                ReleaseEntry::new(id, manifest, &state, serves)
+            })
+            .collect())
     }
 
     /// Records how an attempt ended; returns the state as saved.

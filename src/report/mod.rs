@@ -1,12 +1,14 @@
 //! Report: what the agent is doing and how each attempt ended, for people and machines.
 //!
 //! - [`status`]: the live [`Reporter`] — `status.json`, systemd's `STATUS=` (through a sink the
-//!   daemon installs) and a progress line on a terminal; it also times the stages;
+//!   daemon installs) and the terminal view; it also times the stages;
+//! - [`terminal`]: the terminal view of `deployd deploy` (stage lines, bars, summary);
 //! - [`metrics`]: the node_exporter textfile and its counters;
 //! - [`outward`]: the end of an attempt, told to the metrics file and the instance's EC2 tags.
 
 pub mod metrics;
 pub mod status;
+pub mod terminal;
 
 pub use status::{Reporter, StatusSink};
 

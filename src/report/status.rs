@@ -1,18 +1,18 @@
 //! Report: what the agent is doing, for people and machines.
 //!
 //! Every stage change and download progress goes to `status.json` in the runtime directory,
-//! to an optional status sink (the daemon forwards it to systemd as `STATUS=`), and, when
-//! stderr is a terminal, to a progress line. Progress updates are throttled so that a fast
-//! download does not turn into thousands of file writes.
+//! to an optional status sink (the daemon forwards it to systemd as `STATUS=`), and, for a
+//! person at a terminal, to the terminal view ([`crate::report::terminal`]). Progress updates
+//! are throttled so that a fast download does not turn into thousands of file writes.
 //!
 //! The reporter also times the stages of the running deployment (from each `stage()` call to
 //! the next, or to `finish()`), for the metrics file ([`crate::report::metrics`]).
 
-use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use super::terminal::View;
 use crate::contract::now_rfc3339;
 use crate::contract::state::{Attempt, ReleaseSummary, Stage, Status};
 use crate::s3::S3Object;
@@ -26,7 +26,7 @@ const PROGRESS_EVERY: Duration = Duration::from_millis(250);
 pub struct Reporter {
     status_file: PathBuf,
     status: Mutex<Status>,
-    terminal: bool,
+    view: Option<View>,
     sink: Option<StatusSink>,
     progress: Mutex<ProgressState>,
     /// Stages of the running deployment and when each began; the end, once finished.
@@ -42,7 +42,6 @@ type StageTimes = (Vec<(Stage, Instant)>, Option<Instant>);
 struct ProgressState {
     started: Option<Instant>,
     last: Option<Instant>,
-    drew: bool,
 }
 
 fn human(bytes: u64) -> String {
@@ -50,8 +49,8 @@ fn human(bytes: u64) -> String {
 }
 
 impl Reporter {
-    /// Writes `status_file`; `terminal`: draw a progress line when stderr is a terminal.
-    pub fn new(status_file: PathBuf, terminal: bool, sink: Option<StatusSink>) -> Reporter {
+    /// Writes `status_file` and tells `sink` (systemd's `STATUS=`).
+    pub fn new(status_file: PathBuf, sink: Option<StatusSink>) -> Reporter {
         Reporter {
             status_file,
             status: Mutex::new(Status {
@@ -60,12 +59,18 @@ impl Reporter {
                 updated_at: now_rfc3339(),
                 ..Status::default()
             }),
-            terminal: terminal && std::io::stderr().is_terminal(),
+            view: None,
             sink,
             progress: Mutex::new(ProgressState::default()),
             timings: Mutex::new((Vec::new(), None)),
             build: Mutex::new(None),
         }
+    }
+
+    /// Also draws `view` on the terminal.
+    pub fn with_view(mut self, view: Option<View>) -> Reporter {
+        self.view = view;
+        self
     }
 
     /// Build cache hits and misses of the current (or last) deployment; `None` if it built
@@ -118,11 +123,16 @@ impl Reporter {
         *self.progress.lock().unwrap_or_else(|p| p.into_inner()) = ProgressState::default();
         *self.timings.lock().unwrap_or_else(|p| p.into_inner()) = (Vec::new(), None);
         *self.build.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        if let Some(view) = &self.view {
+            view.begin();
+        }
     }
 
     /// The deployment entered `stage`.
     pub fn stage(&self, stage: Stage, detail: Option<String>) {
-        self.end_progress_line();
+        if let Some(view) = &self.view {
+            view.stage(stage, detail.as_deref());
+        }
         self.timings
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -149,6 +159,13 @@ impl Reporter {
         self.update(|s| s.artifact = Some(object.clone()));
     }
 
+    /// The release being deployed, once it has an id.
+    pub fn release(&self, id: &str, commit: Option<&str>) {
+        if let Some(view) = &self.view {
+            view.release(id, commit);
+        }
+    }
+
     /// Download progress; throttled.
     pub fn progress(&self, done: u64, total: u64) {
         let now = Instant::now();
@@ -158,7 +175,6 @@ impl Reporter {
             let due = done >= total || p.last.is_none_or(|l| now - l >= PROGRESS_EVERY);
             if due {
                 p.last = Some(now);
-                p.drew |= self.terminal;
             }
             (now - started, due)
         };
@@ -188,18 +204,15 @@ impl Reporter {
             )
         };
         self.say(&format!("fetching {url} {text}"));
-        if self.terminal {
-            let mut err = std::io::stderr().lock();
-            let _ = write!(err, "\r\x1b[2K  fetching {text}");
-            let _ = err.flush();
+        if let Some(view) = &self.view {
+            view.download(done, total);
         }
     }
 
-    fn end_progress_line(&self) {
-        let mut p = self.progress.lock().unwrap_or_else(|p| p.into_inner());
-        if p.drew {
-            p.drew = false;
-            let _ = writeln!(std::io::stderr());
+    /// A build of `service` is at step `step` of `steps` (for the terminal's bar).
+    pub fn build_step(&self, service: &str, step: usize, steps: usize) {
+        if let Some(view) = &self.view {
+            view.build_step(service, step, steps);
         }
     }
 
@@ -208,6 +221,9 @@ impl Reporter {
     pub fn build_report(&self, cache_hits: u64, steps: u64) {
         *self.build.lock().unwrap_or_else(|p| p.into_inner()) =
             Some((cache_hits, steps.saturating_sub(cache_hits)));
+        if let Some(view) = &self.view {
+            view.build_report(cache_hits, steps);
+        }
         self.update(|s| {
             s.detail = Some(format!("{cache_hits} of {steps} build steps from cache"));
         });
@@ -215,7 +231,9 @@ impl Reporter {
 
     /// The deployment ended; `serving` is what serves now.
     pub fn finish(&self, attempt: &Attempt, serving: Option<ReleaseSummary>) {
-        self.end_progress_line();
+        if let Some(view) = &self.view {
+            view.finish(attempt, serving.as_ref());
+        }
         self.timings.lock().unwrap_or_else(|p| p.into_inner()).1 = Some(Instant::now());
         let text = match (&attempt.error, &serving) {
             (Some(e), _) => format!("failed: {e}"),

@@ -92,6 +92,17 @@ pub async fn engine() -> Option<Engine> {
     }
 }
 
+/// [`engine`] from a test without a runtime of its own: whether the engine answers (false:
+/// skip), failing when `CI` is set and it does not.
+pub fn engine_answers() -> bool {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(engine())
+        .is_some()
+}
+
 /// A free loopback port.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

@@ -29,6 +29,36 @@ pub fn deployd_binary() -> PathBuf {
     bin
 }
 
+/// The man pages and shell completions the packages ship, written by `bin` itself into
+/// `<profile directory>/generated` (where Cargo.toml's package assets take them from), once
+/// per test process.
+pub fn generate_assets(bin: &Path) {
+    static DONE: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    DONE.get_or_init(|| {
+        let out = bin
+            .parent()
+            .expect("the binary lives in a profile directory")
+            .join("generated");
+        run(Command::new(bin)
+            .args(["generate", "all", "--out"])
+            .arg(&out));
+    });
+}
+
+/// What the packages install besides the binary, the unit and the config: the man pages and
+/// the completions, by installed path (zsh's directory differs between Debian and Fedora).
+pub fn generated_paths(zsh_dir: &str) -> Vec<String> {
+    vec![
+        "/usr/share/man/man1/deployd.1.gz".into(),
+        "/usr/share/man/man1/deployd-deploy.1.gz".into(),
+        "/usr/share/man/man1/deployd-releases.1.gz".into(),
+        "/usr/share/man/man1/deployd-rollback.1.gz".into(),
+        "/usr/share/bash-completion/completions/deployd".into(),
+        format!("{zsh_dir}/_deployd"),
+        "/usr/share/fish/vendor_completions.d/deployd.fish".into(),
+    ]
+}
+
 /// The cargo target directory and profile name that produced `bin`
 /// (`<target>/debug/deployd` comes from the `dev` profile).
 pub fn target_dir_and_profile(bin: &Path) -> (PathBuf, String) {
