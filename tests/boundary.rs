@@ -356,7 +356,9 @@ async fn volumes_of_other_projects_are_not_used() {
     sh(&format!(
         "docker volume create --label com.docker.compose.project={p}-admin {lookalike} >/dev/null && docker volume create {other} >/dev/null"
     ));
-    let cleanup = scopeguard(format!("docker volume rm -f {lookalike} {other}"));
+    let cleanup = scopeguard(format!(
+        "docker rm -f -v $(docker ps -aq --filter volume={other}) ; docker volume rm -f {lookalike} {other}"
+    ));
     let compose = |volume: &str| {
         format!(
             "services:\n  web:\n    image: {BASE_IMAGE}\n    command: sleep 3600\n    volumes:\n      - data:/data\nvolumes:\n  data:\n{volume}"
