@@ -256,6 +256,13 @@ const DEFAULTS: &[(&str, &str)] = &[
         "containers.clear_paths",
         "[\".next\", \".turbo\", \"__pycache__\"]",
     ),
+    ("containers.profiles", "[]"),
+    ("containers.allowed_external", "[]"),
+    (
+        "containers.cap_drop",
+        "[\"AUDIT_WRITE\", \"MKNOD\", \"NET_RAW\", \"SETFCAP\"]",
+    ),
+    ("containers.pids_limit", "4096"),
     ("report.ec2_tags", "true"),
     ("report.tag_prefix", "\"deployd:\""),
     ("triggers.poll_interval", "\"0s\""),

@@ -250,6 +250,7 @@ impl Config {
                 ));
             }
         }
+        self.validate_containers()?;
         if let Some(url) = &self.s3.endpoint_url
             && !(url.starts_with("http://") || url.starts_with("https://"))
         {
@@ -283,6 +284,46 @@ impl Config {
         Ok(())
     }
 
+    /// `[containers]` values serde cannot check: capability names, object names, limits.
+    fn validate_containers(&self) -> Result<(), ConfigError> {
+        let c = &self.containers;
+        if let Some(cap) = c
+            .cap_drop
+            .iter()
+            .find(|n| normalize_capability(n).is_none())
+        {
+            return Err(self.invalid(
+                "containers.cap_drop",
+                format!("{cap:?} is not a Linux capability (for example \"NET_RAW\", or \"ALL\")"),
+            ));
+        }
+        if let Some(name) = c.allowed_external.iter().find(|n| {
+            let mut chars = n.chars();
+            matches!(n.as_str(), "host" | "none")
+                || !matches!(chars.next(), Some(c) if c.is_ascii_alphanumeric())
+                || !chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+        }) {
+            return Err(self.invalid(
+                "containers.allowed_external",
+                format!("{name:?} must be a plain volume or network name (not host, none, container:..., or a path)"),
+            ));
+        }
+        if let Some(p) = c
+            .profiles
+            .iter()
+            .find(|p| p.is_empty() || p.contains([',', ' ']))
+        {
+            return Err(self.invalid(
+                "containers.profiles",
+                format!("{p:?} must be a profile name without spaces or commas"),
+            ));
+        }
+        if c.pids_limit < 1 {
+            return Err(self.invalid("containers.pids_limit", "must be at least 1"));
+        }
+        Ok(())
+    }
+
     /// Every path under `state_dir` and `runtime_dir`.
     pub fn paths(&self) -> crate::contract::host::Paths {
         crate::contract::host::Paths::new(&self.state_dir, &self.runtime_dir)
@@ -306,6 +347,59 @@ impl Config {
             )),
         }
     }
+}
+
+/// Linux capabilities, as Docker names them (without `CAP_`).
+const CAPABILITIES: &[&str] = &[
+    "AUDIT_CONTROL",
+    "AUDIT_READ",
+    "AUDIT_WRITE",
+    "BLOCK_SUSPEND",
+    "BPF",
+    "CHECKPOINT_RESTORE",
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "DAC_READ_SEARCH",
+    "FOWNER",
+    "FSETID",
+    "IPC_LOCK",
+    "IPC_OWNER",
+    "KILL",
+    "LEASE",
+    "LINUX_IMMUTABLE",
+    "MAC_ADMIN",
+    "MAC_OVERRIDE",
+    "MKNOD",
+    "NET_ADMIN",
+    "NET_BIND_SERVICE",
+    "NET_BROADCAST",
+    "NET_RAW",
+    "PERFMON",
+    "SETFCAP",
+    "SETGID",
+    "SETPCAP",
+    "SETUID",
+    "SYS_ADMIN",
+    "SYS_BOOT",
+    "SYS_CHROOT",
+    "SYS_MODULE",
+    "SYS_NICE",
+    "SYS_PACCT",
+    "SYS_PTRACE",
+    "SYS_RAWIO",
+    "SYS_RESOURCE",
+    "SYS_TIME",
+    "SYS_TTY_CONFIG",
+    "SYSLOG",
+    "WAKE_ALARM",
+];
+
+/// A capability name as Docker wants it (`net_raw`, `CAP_NET_RAW` → `NET_RAW`; `ALL`), or
+/// `None` when it is not one.
+pub fn normalize_capability(name: &str) -> Option<String> {
+    let upper = name.trim().to_ascii_uppercase();
+    let bare = upper.strip_prefix("CAP_").unwrap_or(&upper);
+    (bare == "ALL" || CAPABILITIES.contains(&bare)).then(|| bare.to_string())
 }
 
 /// Checks `[report] tag_prefix`: the prefix plus the longest tag name must be a valid EC2 tag
@@ -444,6 +538,20 @@ mod tests {
                 "[triggers]\ntrusted_group = \"no-such-group-deployd\"",
                 "triggers.trusted_group",
             ),
+            (
+                "[containers]\ncap_drop = [\"NET_RAWR\"]",
+                "containers.cap_drop",
+            ),
+            (
+                "[containers]\nallowed_external = [\"container:db\"]",
+                "containers.allowed_external",
+            ),
+            (
+                "[containers]\nallowed_external = [\"host\"]",
+                "containers.allowed_external",
+            ),
+            ("[containers]\nprofiles = [\"a,b\"]", "containers.profiles"),
+            ("[containers]\npids_limit = 0", "containers.pids_limit"),
         ] {
             let msg = parse(text).unwrap_err().to_string();
             assert!(msg.contains(key), "{text:?} gave {msg}");

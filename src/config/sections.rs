@@ -97,6 +97,17 @@ pub struct ContainersConfig {
     pub health_grace: HumanDuration,
     /// App cache paths `clear-cache` deletes inside release directories.
     pub clear_paths: Vec<String>,
+    /// Compose profiles to activate (besides `COMPOSE_PROFILES`); services of other profiles
+    /// are left out.
+    pub profiles: Vec<String>,
+    /// Engine names of volumes and networks outside the app's own (`<app>_...`) that its
+    /// compose file may use (`external: true`, or `name:`).
+    pub allowed_external: Vec<String>,
+    /// Capabilities dropped from every container (on top of Docker's default set); a service's
+    /// `cap_drop` adds to them.
+    pub cap_drop: Vec<String>,
+    /// The most processes one container may run (a service may ask for fewer).
+    pub pids_limit: i64,
 }
 
 impl Default for ContainersConfig {
@@ -107,6 +118,12 @@ impl Default for ContainersConfig {
             health_timeout: HumanDuration(Duration::from_secs(120)),
             health_grace: HumanDuration(Duration::from_secs(5)),
             clear_paths: vec![".next".into(), ".turbo".into(), "__pycache__".into()],
+            profiles: Vec::new(),
+            allowed_external: Vec::new(),
+            cap_drop: ["AUDIT_WRITE", "MKNOD", "NET_RAW", "SETFCAP"]
+                .map(String::from)
+                .to_vec(),
+            pids_limit: 4096,
         }
     }
 }

@@ -29,7 +29,7 @@ pub enum ContainerError {
     },
     /// A key deployd does not support; nothing was built or stopped.
     #[error(
-        "compose file {path}: service `{service}` uses unsupported key `{key}`; remove it or use one of the supported keys"
+        "compose file {path}: service `{service}` uses unsupported key `{key}` ({why}); remove it or use one of the supported keys"
     )]
     UnsupportedKey {
         /// The compose file.
@@ -38,6 +38,22 @@ pub enum ContainerError {
         service: String,
         /// The key, dotted below the service (`build.ssh`).
         key: String,
+        /// Why deployd does not support it (`deployd does not implement it`, `only Docker
+        /// Swarm uses it`).
+        why: String,
+    },
+    /// A key or value that would let a container reach outside its app (the host, other
+    /// projects' containers, volumes or networks); nothing was built or stopped.
+    #[error("compose file {path}: service `{service}`, key `{key}` is refused for security: {why}")]
+    Forbidden {
+        /// The compose file.
+        path: PathBuf,
+        /// The service, or `(top level)`.
+        service: String,
+        /// The key, dotted below the service.
+        key: String,
+        /// What it would give the container.
+        why: String,
     },
     /// A supported key with a value deployd cannot use.
     #[error("compose file {path}: service `{service}`, key `{key}`: {message}")]
@@ -50,6 +66,21 @@ pub enum ContainerError {
         key: String,
         /// What is wrong with the value.
         message: String,
+    },
+    /// An existing volume or network the compose file names belongs to something else.
+    #[error(
+        "{kind} {name} exists but is not the app's own ({}); deployd uses only {kind}s labelled with project {project}, or listed in [containers] allowed_external",
+        owner.as_deref().map_or("it has no project label".to_string(), |o| format!("it belongs to project {o}"))
+    )]
+    NotOwned {
+        /// `volume` or `network`.
+        kind: String,
+        /// Its engine name.
+        name: String,
+        /// The project it is labelled with, if any.
+        owner: Option<String>,
+        /// This app's project.
+        project: String,
     },
     /// `${VAR:?message}` with VAR unset, or a malformed `${...}`.
     #[error("compose file {path}: cannot interpolate `{expression}`: {message}")]
@@ -188,6 +219,8 @@ impl ExitCode for ContainerError {
         match self {
             Self::ComposeSyntax { .. }
             | Self::UnsupportedKey { .. }
+            | Self::Forbidden { .. }
+            | Self::NotOwned { .. }
             | Self::InvalidValue { .. }
             | Self::Interpolation { .. }
             | Self::BuildFailed { .. } => exit::DATAERR,

@@ -4,15 +4,19 @@
 //! running containers through the Docker Engine API (bollard), in four steps the agent calls in
 //! order:
 //!
-//! 1. [`Engine::load_project`] parses and validates the compose file (a documented subset; any
-//!    other key is an error naming the service and key, exit 65) and interpolates variables from
-//!    the release's `.env` and the environment file. No engine call, nothing built.
+//! 1. [`Engine::load_project`] parses and validates the compose file (the forms listed in
+//!    the compose module; any other key is an error naming the service, the key and why, exit 65),
+//!    interpolates variables from the release's `.env` and the environment file, and refuses
+//!    what would leave the app's boundary. No engine call, nothing built.
 //! 2. [`Engine::build`] builds every service with `build:` with the classic builder, `cache_from`
 //!    the previous release's image, and reports cache hits per service. A failed build stops here:
 //!    nothing has been stopped, the serving release keeps serving.
 //! 3. [`Engine::up`] recreates only the services whose image or configuration changed, in
-//!    `depends_on` order, waits for each to be healthy, and on failure removes what it created and
-//!    starts the previous release again from its release-tagged images (exit 75).
+//!    `depends_on` order, waits for each to be healthy (or, for a one-shot job, to exit 0), and on
+//!    failure removes what it created and starts the previous release again from its
+//!    release-tagged images (exit 75). Containers run hardened (`no-new-privileges`, a pids
+//!    limit, dropped capabilities) with release files bound read-only, each bind source checked
+//!    for symlinks right before create and start.
 //! 4. [`Engine::retain`] removes the images of releases no longer kept.
 //!
 //! [`Engine::rollback`] starts a given release on demand and [`Engine::clear_cache`] removes the
@@ -38,9 +42,10 @@ pub(crate) mod run;
 
 pub use build::{BuildReport, OnStep, ServiceBuild};
 pub use cache::ClearReport;
+pub use compose::beneath::method as bind_resolver;
 pub use compose::{
-    BuildSpec, DependCondition, Dependency, HealthSpec, MountSpec, NamedObject, PortSpec, Project,
-    Service,
+    BuildSpec, DependCondition, Dependency, HealthSpec, LoggingSpec, MountSpec, NamedObject,
+    PortSpec, Project, Resources, RunOptions, Service, ServiceNetwork,
 };
 pub use engine::{Builder, BuilderDecision, Engine, EngineFacts};
 pub use error::ContainerError;
@@ -81,6 +86,6 @@ impl Engine {
                 ),
             });
         }
-        compose::load(project, release.dir, &settings.compose_file, env)
+        compose::load(project, release.dir, env, settings)
     }
 }

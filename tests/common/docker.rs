@@ -321,6 +321,49 @@ services:
         Engine::load_project(&self.project, release, &self.env(), &settings()).unwrap()
     }
 
+    /// Write release `id` with this compose file and these files (relative path, content);
+    /// returns its directory.
+    pub fn write_release(&self, id: &str, compose: &str, files: &[(&str, &str)]) -> PathBuf {
+        let dir = self.root.path().join(id);
+        std::fs::create_dir_all(&dir).unwrap();
+        for (path, content) in files {
+            let p = dir.join(path);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, content).unwrap();
+        }
+        std::fs::write(dir.join("docker-compose.yml"), compose).unwrap();
+        dir
+    }
+
+    /// The container name of a service.
+    pub fn container(&self, service: &str) -> String {
+        format!("{}-{service}-1", self.project)
+    }
+
+    /// `docker inspect -f FORMAT` of a service's container, trimmed.
+    pub fn inspect(&self, service: &str, format: &str) -> String {
+        sh(&format!(
+            "docker inspect -f '{format}' {}",
+            self.container(service)
+        ))
+        .trim()
+        .to_string()
+    }
+
+    /// Run a shell command in a service's container: `(exit code, stdout and stderr)`.
+    pub fn exec(&self, service: &str, cmd: &str) -> (i32, String) {
+        let out = Command::new("docker")
+            .args(["exec", &self.container(service), "sh", "-c", cmd])
+            .output()
+            .expect("spawn docker exec");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.code().unwrap_or(-1), text)
+    }
+
     /// Container ids of the project.
     pub fn containers(&self) -> Vec<String> {
         sh(&format!(
@@ -350,14 +393,24 @@ impl Drop for App {
         let _ = Command::new("sh")
             .arg("-c")
             .arg(format!(
-                "docker rm -f $(docker ps -aq --filter label=com.docker.compose.project={p}) ; \
+                "docker rm -f -v $(docker ps -aq --filter label=com.docker.compose.project={p}) ; \
                  docker rmi -f $(docker images -q --filter label=deployd.project={p} | sort -u) ; \
                  docker rmi -f $(docker images -q --filter 'reference={p}-*:*' | sort -u) ; \
-                 docker network rm {p}_default ; true"
+                 docker network rm {p}_default $(docker network ls -q --filter label=com.docker.compose.project={p}) ; \
+                 docker volume rm $(docker volume ls -q --filter label=com.docker.compose.project={p}) ; true"
             ))
             .output();
     }
 }
+
+/// What building then starting a release gave.
+pub type Deployed = Result<
+    (
+        deployd::containers::BuildReport,
+        deployd::containers::UpReport,
+    ),
+    deployd::containers::ContainerError,
+>;
 
 /// Build then start a release, as the agent does.
 pub async fn deploy(
@@ -365,19 +418,23 @@ pub async fn deploy(
     app: &App,
     release: &ReleaseRef<'_>,
     previous: Option<&ReleaseRef<'_>>,
-) -> Result<
-    (
-        deployd::containers::BuildReport,
-        deployd::containers::UpReport,
-    ),
-    deployd::containers::ContainerError,
-> {
-    let s = settings();
-    let project = Engine::load_project(&app.project, release, &app.env(), &s)?;
+) -> Deployed {
+    deploy_with(engine, app, release, previous, &settings()).await
+}
+
+/// [`deploy`] with other settings.
+pub async fn deploy_with(
+    engine: &Engine,
+    app: &App,
+    release: &ReleaseRef<'_>,
+    previous: Option<&ReleaseRef<'_>>,
+    s: &ContainersConfig,
+) -> Deployed {
+    let project = Engine::load_project(&app.project, release, &app.env(), s)?;
     let built = engine.build(&project, release, previous, false).await?;
     let prev_project = previous.map(|p| app.load(p));
     let up = engine
-        .up(&project, release, prev_project.as_ref().zip(previous), &s)
+        .up(&project, release, prev_project.as_ref().zip(previous), s)
         .await?;
     Ok((built, up))
 }

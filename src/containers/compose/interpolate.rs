@@ -248,11 +248,7 @@ mod tests {
             shell: &shell,
             dotenv,
         };
-        let cx = Cx {
-            path: "x".into(),
-            release_dir: "/r".into(),
-            project: "p".into(),
-        };
+        let cx = Cx::test();
         let i = |s: &str| interpolate(&cx, s, &vars).unwrap();
         assert_eq!(i("${A}-$B-$$A"), "shell-b-$A");
         assert_eq!(i("${E:-d}|${E-d}|${U-d}|${U:-${B}}"), "d||d|b");

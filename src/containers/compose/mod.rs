@@ -1,17 +1,25 @@
 //! The compose file: parsing, interpolation and validation, with no engine calls.
 //!
-//! deployd reads the `docker-compose.yml` a release ships (the same file `docker compose` uses) but
-//! supports only a subset of it, so that every key it accepts has a meaning it honours:
+//! deployd reads the `docker-compose.yml` a release ships (the same file `docker compose` uses).
+//! Every key it accepts has a meaning it honours; any other key is refused, naming the service
+//! and the key and saying why: **unsupported** (deployd does not implement it, or only Docker
+//! Swarm uses it) or **refused for security** (it would let a container reach outside its app:
+//! the host, or other projects' containers, volumes and networks). Refusals come before anything
+//! is built.
 //!
-//! - top level: `services`, `volumes`, `networks`, `name` (the deployd project name wins), `version`
-//!   (ignored);
-//! - per service: `build` (`context`, `dockerfile`, `args`, `cache_from`, `target`, `labels`), `image`,
-//!   `command`, `entrypoint`, `environment` (map or list), `env_file`, `ports`, `volumes` (named
-//!   volumes, and bind mounts that stay inside the release directory), `restart`, `healthcheck`,
-//!   `depends_on` (list, or map with `condition: service_started | service_healthy`), `labels`,
-//!   `networks`.
+//! - top level: `services`, `volumes`, `networks`, `secrets` and `configs` (with `file:`),
+//!   `include` (files inside the release), `name` (the deployd project name wins), `version`
+//!   (ignored), `x-*` extensions; YAML anchors and merge keys (`<<: *defaults`) anywhere;
+//! - per service: see [`keys`] for the full list: build, image, command, environment, ports
+//!   (ranges too), `expose`, volumes (named, anonymous, tmpfs, and release binds, always
+//!   read-only), secrets, configs, depends_on (`service_started`, `service_healthy`,
+//!   `service_completed_successfully`), healthcheck, networks with aliases, `container_name`
+//!   (an alias), user, working_dir, init, tty, stdin_open, logging, extra_hosts, tmpfs, ulimits,
+//!   resource limits (`mem_limit`, `cpus`, `deploy.resources`), stop_signal,
+//!   stop_grace_period, profiles, platform, hostname.
 //!
-//! Any other key is an error naming the service and the key, raised before anything is built.
+//! Services whose `profiles` are not active (`[containers] profiles`, or `COMPOSE_PROFILES`) are
+//! left out entirely, unvalidated.
 //!
 //! Values are interpolated like docker compose does: `${VAR}`, `$VAR`, `${VAR:-default}`,
 //! `${VAR-default}`, `${VAR:?message}`, `${VAR?message}`, `${VAR:+alt}`, `${VAR+alt}` and `$$` for a
@@ -19,72 +27,56 @@
 //! and then from the release's `.env` file. Unset variables without a default become empty strings,
 //! with a warning.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use yaml_serde::Value;
 
-use self::interpolate::{Vars, interpolate_value, parse_env_lines};
-use self::service::parse_service;
-use self::validate::{TOP_LEVEL, order_services, validate_keys};
 use super::error::ContainerError;
+use crate::config::ContainersConfig;
 
+pub(crate) mod beneath;
 mod interpolate;
+mod keys;
 mod model;
+mod mounts;
+mod names;
+mod options;
+mod project;
 mod runtime;
 mod service;
+mod source;
 mod validate;
 
 pub(crate) use self::model::split_image;
 pub use self::model::{
-    BuildSpec, DependCondition, Dependency, HealthSpec, MountSpec, NamedObject, PortSpec, Project,
-    Service,
+    BuildSpec, DependCondition, Dependency, HealthSpec, LoggingSpec, MountSpec, NamedObject,
+    PortSpec, Project, Resources, RunOptions, Service, ServiceNetwork,
 };
 pub(crate) use self::validate::valid_tag;
 
-/// Parse and validate the compose file of a release. No engine calls.
+/// Parse and validate the compose file of a release, and the files it includes. No engine
+/// calls.
 pub(crate) fn load(
     project: &str,
     release_dir: &Path,
-    compose_file: &str,
     env: &BTreeMap<String, String>,
+    settings: &ContainersConfig,
 ) -> Result<Project, ContainerError> {
-    let compose_path = release_dir.join(compose_file);
-    let text =
-        std::fs::read_to_string(&compose_path).map_err(|source| ContainerError::ComposeRead {
-            path: compose_path.clone(),
-            source,
-        })?;
-    let dotenv_path = release_dir.join(".env");
-    let dotenv = match std::fs::read_to_string(&dotenv_path) {
-        Ok(t) => parse_env_lines(&t),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
-        Err(source) => {
-            return Err(ContainerError::ReadFile {
-                path: dotenv_path,
-                source,
-            });
-        }
-    };
-    let vars = Vars { shell: env, dotenv };
-    let cx = Cx {
-        path: compose_path.clone(),
-        release_dir: release_dir.to_path_buf(),
-        project: project.to_string(),
-    };
-    let raw: Value = yaml_serde::from_str(&text).map_err(|e| ContainerError::ComposeSyntax {
-        path: compose_path.clone(),
-        message: e.to_string(),
-    })?;
-    validate_keys(&cx, &raw)?;
-    let doc = interpolate_value(&cx, &raw, &vars)?;
-    parse_project(&cx, &doc, &vars)
+    let sources = source::read_all(project, release_dir, &settings.compose_file, env, settings)?;
+    project::parse_project(&sources, settings)
 }
 
-/// Parsing context: what errors name.
+/// Parsing context: what errors name, and where relative paths lead.
+#[derive(Debug, Clone)]
 struct Cx {
+    /// The compose file being read.
     path: PathBuf,
+    /// The release directory: nothing may leave it.
     release_dir: PathBuf,
+    /// Where relative paths of this file resolve (its project directory).
+    base_dir: PathBuf,
+    /// The deployd project name.
     project: String,
 }
 
@@ -97,13 +89,70 @@ impl Cx {
             message: message.into(),
         }
     }
-    fn unsupported(&self, service: &str, key: &str) -> ContainerError {
+    fn unsupported(&self, service: &str, key: &str, why: &str) -> ContainerError {
         ContainerError::UnsupportedKey {
             path: self.path.clone(),
             service: service.to_string(),
             key: key.to_string(),
+            why: why.to_string(),
         }
     }
+    fn forbidden(&self, service: &str, key: &str, why: impl Into<String>) -> ContainerError {
+        ContainerError::Forbidden {
+            path: self.path.clone(),
+            service: service.to_string(),
+            key: key.to_string(),
+            why: why.into(),
+        }
+    }
+}
+
+#[cfg(test)]
+impl Cx {
+    /// A context for unit tests: `docker-compose.yml` of the release `/r`, project `p`.
+    fn test() -> Cx {
+        Cx {
+            path: "docker-compose.yml".into(),
+            release_dir: "/r".into(),
+            base_dir: "/r".into(),
+            project: "p".into(),
+        }
+    }
+}
+
+/// The profiles that are active: `[containers] profiles` plus `COMPOSE_PROFILES`.
+fn active_profiles(
+    settings: &ContainersConfig,
+    compose_profiles: Option<&str>,
+) -> BTreeSet<String> {
+    settings
+        .profiles
+        .iter()
+        .cloned()
+        .chain(
+            compose_profiles
+                .unwrap_or_default()
+                .split(',')
+                .map(|p| p.trim().to_string())
+                .filter(|p| !p.is_empty()),
+        )
+        .collect()
+}
+
+/// Whether a service (raw or interpolated) is enabled by the active profiles: it names no
+/// profile, or one of them is active (`*` activates all).
+fn service_active(svc: &Value, active: &BTreeSet<String>) -> bool {
+    let profiles: Vec<String> = entries(svc)
+        .and_then(|f| {
+            value_of(&f, "profiles")
+                .and_then(Value::as_sequence)
+                .cloned()
+        })
+        .unwrap_or_default()
+        .iter()
+        .filter_map(scalar_string)
+        .collect();
+    profiles.is_empty() || active.contains("*") || profiles.iter().any(|p| active.contains(p))
 }
 
 /// Entries of a mapping whose keys are strings; `None` if the value is not a mapping.
@@ -158,6 +207,15 @@ fn string_list(
         .collect()
 }
 
+/// A boolean (`true`/`false`, also as strings after interpolation).
+fn boolean(cx: &Cx, service: &str, key: &str, v: &Value) -> Result<bool, ContainerError> {
+    match v {
+        Value::Bool(b) => Ok(*b),
+        Value::String(s) if s == "true" || s == "false" => Ok(s == "true"),
+        _ => Err(cx.invalid(service, key, "must be true or false")),
+    }
+}
+
 /// A `KEY: value` map or a `["KEY=value", "KEY"]` list; `None` values mean "no value given".
 fn key_values(
     cx: &Cx,
@@ -189,72 +247,22 @@ fn key_values(
         .collect()
 }
 
-/// The project: top-level volumes and networks, then every service, in start order.
-fn parse_project(cx: &Cx, doc: &Value, vars: &Vars) -> Result<Project, ContainerError> {
-    let top = entries(doc).unwrap_or_default();
-    let get = |k: &str| value_of(&top, k);
-    let volumes = parse_top_objects(cx, get("volumes"), "volumes")?;
-    let mut networks = parse_top_objects(cx, get("networks"), "networks")?;
-    if !networks.iter().any(|n| n.key == "default") {
-        networks.push(NamedObject {
-            key: "default".into(),
-            engine_name: format!("{}_default", cx.project),
-            external: false,
-            driver: None,
-        });
-    }
-    let services_v = get("services").ok_or_else(|| ContainerError::ComposeSyntax {
-        path: cx.path.clone(),
-        message: "no `services` mapping".into(),
-    })?;
-    let svc_entries = entries(services_v).ok_or_else(|| ContainerError::ComposeSyntax {
-        path: cx.path.clone(),
-        message: "`services` is not a mapping".into(),
-    })?;
-    let mut services = Vec::new();
-    for (name, v) in svc_entries {
-        services.push(parse_service(cx, &name, v, vars, &volumes, &networks)?);
-    }
-    let services = order_services(cx, services)?;
-    Ok(Project {
-        name: cx.project.clone(),
-        release_dir: cx.release_dir.clone(),
-        compose_path: cx.path.clone(),
-        services,
-        volumes,
-        networks,
-    })
-}
-
-/// Top-level `volumes` or `networks` (`kind`), with their engine names.
-fn parse_top_objects(
+/// A list of strings or names, or a mapping from names to per-entry settings: `(name, settings)`
+/// pairs (`settings` is `None` for the list form and for `name:` with no value).
+fn named_items<'v>(
     cx: &Cx,
-    v: Option<&Value>,
-    kind: &str,
-) -> Result<Vec<NamedObject>, ContainerError> {
-    let mut out = Vec::new();
-    let Some(v) = v else { return Ok(out) };
-    if v.is_null() {
-        return Ok(out);
+    service: &str,
+    key: &str,
+    v: &'v Value,
+) -> Result<Vec<(String, Option<&'v Value>)>, ContainerError> {
+    if let Some(items) = entries(v) {
+        return Ok(items
+            .into_iter()
+            .map(|(k, spec)| (k, (!spec.is_null()).then_some(spec)))
+            .collect());
     }
-    let items =
-        entries(v).ok_or_else(|| cx.invalid(TOP_LEVEL, kind, "must be a mapping of names"))?;
-    for (key, obj) in items {
-        let fields = entries(obj).unwrap_or_default();
-        let field = |k: &str| value_of(&fields, k);
-        let external = field("external").and_then(Value::as_bool).unwrap_or(false);
-        let engine_name = match field("name").and_then(scalar_string) {
-            Some(n) => n,
-            None if external => key.clone(),
-            None => format!("{}_{key}", cx.project),
-        };
-        let driver = field("driver").and_then(scalar_string);
-        out.push(NamedObject {
-            key,
-            engine_name,
-            external,
-            driver,
-        });
-    }
-    Ok(out)
+    Ok(string_list(cx, service, key, v)?
+        .into_iter()
+        .map(|n| (n, None))
+        .collect())
 }

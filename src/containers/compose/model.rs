@@ -14,12 +14,14 @@ pub struct Project {
     pub release_dir: PathBuf,
     /// The compose file that was read.
     pub compose_path: PathBuf,
-    /// Services in start order (dependencies first).
+    /// Services in start order (dependencies first); services of inactive profiles are left out.
     pub services: Vec<Service>,
     /// Named volumes: compose name and engine name.
     pub volumes: Vec<NamedObject>,
     /// Networks: compose name and engine name; `default` is always present.
     pub networks: Vec<NamedObject>,
+    /// Services left out because none of their profiles is active.
+    pub inactive: Vec<String>,
 }
 
 /// A top-level volume or network.
@@ -31,8 +33,14 @@ pub struct NamedObject {
     pub engine_name: String,
     /// Managed outside deployd: must exist, never created.
     pub external: bool,
-    /// Network driver (networks only).
+    /// Listed in `[containers] allowed_external`: it may belong to something else.
+    pub allowed_external: bool,
+    /// Network driver (networks only; `bridge` when unset).
     pub driver: Option<String>,
+    /// `internal: true` (networks only): no route outside the network.
+    pub internal: bool,
+    /// Labels from the compose file (deployd adds its own when it creates the object).
+    pub labels: BTreeMap<String, String>,
 }
 
 /// One service of the project.
@@ -42,7 +50,8 @@ pub struct Service {
     pub name: String,
     /// How to build the image, when the service is built from the release.
     pub build: Option<BuildSpec>,
-    /// The image reference the service runs (`image:`, or `<project>-<service>` for built services).
+    /// The image reference the service runs (`image:`, or `<project>-<service>` for built
+    /// services; a built image is always under the project's own repository names).
     pub image: String,
     /// `command:` as words; `None` keeps the image's.
     pub command: Option<Vec<String>>,
@@ -52,7 +61,9 @@ pub struct Service {
     pub environment: BTreeMap<String, String>,
     /// Published ports.
     pub ports: Vec<PortSpec>,
-    /// Named volumes and bind mounts.
+    /// Ports exposed to the project's networks only (`expose:`), as `PORT/PROTO`.
+    pub expose: Vec<String>,
+    /// Volumes, release binds (secrets and configs included), anonymous volumes, tmpfs.
     pub volumes: Vec<MountSpec>,
     /// Restart policy (`no`, `always`, `unless-stopped`, `on-failure[:N]`).
     pub restart: Option<String>,
@@ -63,8 +74,90 @@ pub struct Service {
     /// Container labels from the compose file (deployd adds its own when it creates the
     /// container).
     pub labels: BTreeMap<String, String>,
-    /// Compose names of the networks the service joins.
-    pub networks: Vec<String>,
+    /// The networks the service joins, in order, with their aliases.
+    pub networks: Vec<ServiceNetwork>,
+    /// Everything else about how the container runs.
+    pub run: RunOptions,
+}
+
+/// One network a service joins.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceNetwork {
+    /// The network's compose name.
+    pub key: String,
+    /// Extra DNS names on that network (`aliases`, and `container_name`); the service name
+    /// always resolves.
+    pub aliases: Vec<String>,
+}
+
+/// How a service's container runs, beyond image, command and mounts.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RunOptions {
+    /// `user:` (`uid[:gid]` or names).
+    pub user: Option<String>,
+    /// `hostname:`.
+    pub hostname: Option<String>,
+    /// `domainname:`.
+    pub domainname: Option<String>,
+    /// `working_dir:`.
+    pub working_dir: Option<String>,
+    /// `init:`: run an init process as PID 1.
+    pub init: Option<bool>,
+    /// `tty:`.
+    pub tty: bool,
+    /// `stdin_open:`.
+    pub stdin_open: bool,
+    /// `read_only:`: the container's root filesystem is read-only.
+    pub read_only: bool,
+    /// `stop_signal:`.
+    pub stop_signal: Option<String>,
+    /// `stop_grace_period:`: how long a stop waits before killing.
+    pub stop_grace_period: Option<Duration>,
+    /// `platform:` (`os/arch[/variant]`).
+    pub platform: Option<String>,
+    /// `logging:`.
+    pub logging: Option<LoggingSpec>,
+    /// `extra_hosts:` as `host:ip`.
+    pub extra_hosts: Vec<String>,
+    /// `tmpfs:`: mount path and mount options.
+    pub tmpfs: BTreeMap<String, String>,
+    /// `ulimits:`: name and (soft, hard).
+    pub ulimits: BTreeMap<String, (i64, i64)>,
+    /// `mem_limit`, `cpus`, `pids_limit`, ... and `deploy.resources`.
+    pub resources: Resources,
+    /// `cap_drop:` (added to `[containers] cap_drop`).
+    pub cap_drop: Vec<String>,
+    /// `shm_size:` in bytes.
+    pub shm_size: Option<i64>,
+}
+
+/// Resource limits of a service.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Resources {
+    /// Memory limit in bytes (`mem_limit`, `deploy.resources.limits.memory`).
+    pub memory: Option<i64>,
+    /// Soft memory limit in bytes (`mem_reservation`, `deploy.resources.reservations.memory`).
+    pub memory_reservation: Option<i64>,
+    /// Memory plus swap in bytes (`memswap_limit`; -1 unlimited).
+    pub memory_swap: Option<i64>,
+    /// CPUs in billionths (`cpus`, `deploy.resources.limits.cpus`).
+    pub nano_cpus: Option<i64>,
+    /// Relative CPU weight (`cpu_shares`).
+    pub cpu_shares: Option<i64>,
+    /// CPUs the container may run on (`cpuset`).
+    pub cpuset: Option<String>,
+    /// Process limit (`pids_limit`, `deploy.resources.limits.pids`); never above
+    /// `[containers] pids_limit`.
+    pub pids: Option<i64>,
+}
+
+/// `logging:` of a service.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LoggingSpec {
+    /// The log driver; `None` keeps the engine's default.
+    pub driver: Option<String>,
+    /// Driver options (`max-size`, `max-file`, ...).
+    pub options: BTreeMap<String, String>,
 }
 
 /// `build:` of a service.
@@ -91,6 +184,8 @@ pub struct PortSpec {
     pub host_ip: Option<String>,
     /// Host port; `None` lets the engine choose.
     pub published: Option<u16>,
+    /// Last port of a host range (`8000-8010:80`): the engine picks a free one in it.
+    pub published_last: Option<u16>,
     /// Container port.
     pub target: u16,
     /// `tcp` (the default), `udp` or `sctp`.
@@ -108,16 +203,45 @@ pub enum MountSpec {
         target: String,
         /// Mounted read-only (`:ro`).
         read_only: bool,
+        /// Do not copy the image's files into an empty volume (`nocopy`).
+        nocopy: bool,
     },
-    /// A directory or file of the release mounted at `target`.
+    /// An anonymous volume (`- /app/node_modules`): created with the container, removed with it.
+    Anonymous {
+        /// Absolute path in the container.
+        target: String,
+    },
+    /// A directory or file of the release, always mounted read-only (a release is immutable).
     Bind {
         /// Absolute path inside the release directory.
         source: PathBuf,
         /// Absolute path in the container.
         target: String,
-        /// Mounted read-only (`:ro`).
-        read_only: bool,
+        /// The compose file asked for a writable bind (mounted read-only all the same; a
+        /// failing container names it).
+        requested_writable: bool,
     },
+    /// A tmpfs (`type: tmpfs` in the long form of `volumes`).
+    Tmpfs {
+        /// Absolute path in the container.
+        target: String,
+        /// Size limit in bytes.
+        size: Option<i64>,
+        /// File mode of the root directory.
+        mode: Option<i64>,
+    },
+}
+
+impl MountSpec {
+    /// Where the mount appears in the container.
+    pub fn target(&self) -> &str {
+        match self {
+            MountSpec::Volume { target, .. }
+            | MountSpec::Anonymous { target }
+            | MountSpec::Bind { target, .. }
+            | MountSpec::Tmpfs { target, .. } => target,
+        }
+    }
 }
 
 /// `healthcheck:` of a service.
@@ -133,6 +257,8 @@ pub struct HealthSpec {
     pub retries: Option<u32>,
     /// Time after start during which failed checks do not count.
     pub start_period: Option<Duration>,
+    /// Time between checks during `start_period` (engines with API 1.44 and later).
+    pub start_interval: Option<Duration>,
 }
 
 impl HealthSpec {
@@ -149,6 +275,10 @@ pub struct Dependency {
     pub service: String,
     /// When it counts as ready.
     pub condition: DependCondition,
+    /// `restart: true`: recreate this service whenever the dependency is recreated.
+    pub restart: bool,
+    /// `required: false`: the dependency may be missing (left out by profiles).
+    pub required: bool,
 }
 
 /// When a dependency counts as ready.
@@ -158,6 +288,19 @@ pub enum DependCondition {
     Started,
     /// `service_healthy`.
     Healthy,
+    /// `service_completed_successfully`: the dependency is a one-shot job that must exit 0.
+    CompletedSuccessfully,
+}
+
+impl Project {
+    /// Whether a service runs to completion (another service waits for it to exit 0).
+    pub fn is_job(&self, service: &str) -> bool {
+        self.services.iter().any(|s| {
+            s.depends_on.iter().any(|d| {
+                d.service == service && d.condition == DependCondition::CompletedSuccessfully
+            })
+        })
+    }
 }
 
 /// Split an image reference into repository and tag (`latest` when absent; digests are dropped).

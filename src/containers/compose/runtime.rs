@@ -1,133 +1,125 @@
-//! How a service's container runs: published ports, mounts and the healthcheck.
+//! How a service's container is reached and checked: published and exposed ports, and the
+//! healthcheck.
 
 use std::time::Duration;
 
 use yaml_serde::Value;
 
-use super::model::{HealthSpec, MountSpec, NamedObject, PortSpec};
-use super::validate::{MOUNT_KEYS, PORT_KEYS, inside_release, only_keys};
-use super::{Cx, entries, scalar_string, string_list, value_of};
+use super::model::{HealthSpec, PortSpec};
+use super::{Cx, entries, scalar_string, seq, string_list, value_of};
 use crate::containers::error::ContainerError;
 
-/// One `ports` entry: `[IP:][HOST:]CONTAINER[/PROTO]`, `[IPv6]:HOST:CONTAINER`, or the long form.
-pub(super) fn parse_port(cx: &Cx, service: &str, v: &Value) -> Result<PortSpec, ContainerError> {
-    let bad = |m: String| cx.invalid(service, "ports", m);
-    let num = |s: &str| -> Result<u16, ContainerError> {
-        s.parse::<u16>()
-            .map_err(|_| bad(format!("`{s}` is not a single port number")))
+/// A port or a range of ports (`3000`, `3000-3005`): first and last.
+fn port_range(s: &str) -> Option<(u16, u16)> {
+    let (a, b) = match s.split_once('-') {
+        Some((a, b)) => (a.parse().ok()?, b.parse().ok()?),
+        None => {
+            let p = s.parse().ok()?;
+            (p, p)
+        }
     };
-    if let Some(fields) = entries(v) {
-        let field = |k: &str| value_of(&fields, k).and_then(scalar_string);
-        only_keys(cx, service, "ports", v, PORT_KEYS)?;
-        let target = num(&field("target").ok_or_else(|| bad("`target` is required".into()))?)?;
-        return Ok(PortSpec {
-            host_ip: field("host_ip"),
-            published: field("published").map(|p| num(&p)).transpose()?,
-            target,
-            protocol: field("protocol").unwrap_or_else(|| "tcp".into()),
-        });
-    }
-    let s = scalar_string(v).ok_or_else(|| bad("must be a string or a mapping".into()))?;
-    let (spec, protocol) = match s.rsplit_once('/') {
-        Some((spec, proto)) => (spec.to_string(), proto.to_string()),
-        None => (s.clone(), "tcp".to_string()),
-    };
-    let (host_ip, rest) = if let Some(after) = spec.strip_prefix('[') {
-        let (ip, rest) = after
-            .split_once("]:")
-            .ok_or_else(|| bad(format!("`{s}` is not a port mapping")))?;
-        (Some(ip.to_string()), rest.to_string())
-    } else {
-        (None, spec)
-    };
-    let parts: Vec<&str> = rest.split(':').collect();
-    let (host_ip, published, target) = match parts.as_slice() {
-        [t] => (host_ip, None, num(t)?),
-        [p, t] if host_ip.is_some() => (host_ip, Some(num(p)?), num(t)?),
-        [p, t] => (
-            None,
-            if p.is_empty() { None } else { Some(num(p)?) },
-            num(t)?,
-        ),
-        [ip, p, t] if host_ip.is_none() => (
-            Some(ip.to_string()),
-            if p.is_empty() { None } else { Some(num(p)?) },
-            num(t)?,
-        ),
-        _ => return Err(bad(format!("`{s}` is not a port mapping"))),
-    };
-    Ok(PortSpec {
-        host_ip,
-        published,
-        target,
-        protocol,
-    })
+    (a <= b).then_some((a, b))
 }
 
-/// One `volumes` entry: `SOURCE:TARGET[:ro|rw]` or the long form; a bind mount must stay inside
-/// the release directory and a named volume must be declared at the top level.
-pub(super) fn parse_mount(
+/// One `ports` entry: `[IP:][HOST:]CONTAINER[/PROTO]`, `[IPv6]:HOST:CONTAINER`, or the long form.
+/// Ranges (`3000-3005:3000-3005`, `8000-8010:80`) give one spec per container port.
+pub(super) fn parse_port(
     cx: &Cx,
     service: &str,
     v: &Value,
-    volumes: &[NamedObject],
-) -> Result<MountSpec, ContainerError> {
-    let bad = |m: String| cx.invalid(service, "volumes", m);
-    let (kind, source, target, read_only) = if let Some(fields) = entries(v) {
-        only_keys(cx, service, "volumes", v, MOUNT_KEYS)?;
+) -> Result<Vec<PortSpec>, ContainerError> {
+    let bad = |m: String| cx.invalid(service, "ports", m);
+    let range = |s: &str| {
+        port_range(s).ok_or_else(|| bad(format!("`{s}` is not a port or a range of ports")))
+    };
+    let (host_ip, published, target, protocol) = if let Some(fields) = entries(v) {
         let field = |k: &str| value_of(&fields, k).and_then(scalar_string);
-        let kind = field("type").unwrap_or_else(|| "volume".into());
-        let source = field("source").ok_or_else(|| bad("`source` is required".into()))?;
+        if let Some(mode) = field("mode").filter(|m| m != "host" && m != "ingress") {
+            return Err(bad(format!("mode `{mode}` is not host or ingress")));
+        }
         let target = field("target").ok_or_else(|| bad("`target` is required".into()))?;
-        let ro = field("read_only").is_some_and(|r| r == "true");
-        (kind, source, target, ro)
+        (
+            field("host_ip"),
+            field("published").filter(|p| !p.is_empty()),
+            target,
+            field("protocol").unwrap_or_else(|| "tcp".into()),
+        )
     } else {
         let s = scalar_string(v).ok_or_else(|| bad("must be a string or a mapping".into()))?;
-        let parts: Vec<&str> = s.split(':').collect();
-        let (source, target, mode) = match parts.as_slice() {
-            [s, t] => (*s, *t, "rw"),
-            [s, t, m] => (*s, *t, *m),
-            _ => {
-                return Err(bad(format!(
-                    "`{s}` is not SOURCE:TARGET[:ro]; anonymous volumes are not supported"
-                )));
-            }
+        let (spec, protocol) = match s.rsplit_once('/') {
+            Some((spec, proto)) => (spec.to_string(), proto.to_string()),
+            None => (s.clone(), "tcp".to_string()),
         };
-        let read_only = match mode {
-            "ro" => true,
-            "rw" => false,
-            m => return Err(bad(format!("mode `{m}` is not supported (use ro or rw)"))),
-        };
-        let kind = if source.starts_with(['.', '/', '~']) {
-            "bind"
+        let (host_ip, rest) = if let Some(after) = spec.strip_prefix('[') {
+            let (ip, rest) = after
+                .split_once("]:")
+                .ok_or_else(|| bad(format!("`{s}` is not a port mapping")))?;
+            (Some(ip.to_string()), rest.to_string())
         } else {
-            "volume"
+            (None, spec)
         };
-        (kind.to_string(), source.into(), target.into(), read_only)
-    };
-    if !target.starts_with('/') {
-        return Err(bad(format!("target `{target}` must be an absolute path")));
-    }
-    match kind.as_str() {
-        "bind" => Ok(MountSpec::Bind {
-            source: inside_release(cx, service, "volumes", &source)?,
-            target,
-            read_only,
-        }),
-        "volume" => {
-            let obj = volumes.iter().find(|o| o.key == source).ok_or_else(|| {
-                bad(format!(
-                    "volume `{source}` is not declared under the top-level `volumes`"
-                ))
-            })?;
-            Ok(MountSpec::Volume {
-                name: obj.engine_name.clone(),
-                target,
-                read_only,
-            })
+        let parts: Vec<&str> = rest.split(':').collect();
+        let opt = |p: &str| (!p.is_empty()).then(|| p.to_string());
+        match parts.as_slice() {
+            [t] => (host_ip, None, t.to_string(), protocol),
+            [p, t] => (host_ip, opt(p), t.to_string(), protocol),
+            [ip, p, t] if host_ip.is_none() => {
+                (Some(ip.to_string()), opt(p), t.to_string(), protocol)
+            }
+            _ => return Err(bad(format!("`{s}` is not a port mapping"))),
         }
-        other => Err(bad(format!("mount type `{other}` is not supported"))),
+    };
+    if !matches!(protocol.as_str(), "tcp" | "udp" | "sctp") {
+        return Err(bad(format!(
+            "protocol `{protocol}` is not tcp, udp or sctp"
+        )));
     }
+    let (first, last) = range(&target)?;
+    let host = published.as_deref().map(range).transpose()?;
+    let count = last - first;
+    let spec = |target: u16, published: Option<u16>, published_last: Option<u16>| PortSpec {
+        host_ip: host_ip.clone().filter(|ip| !ip.is_empty()),
+        published,
+        published_last,
+        target,
+        protocol: protocol.clone(),
+    };
+    match host {
+        None => Ok((first..=last).map(|t| spec(t, None, None)).collect()),
+        Some((h, h_last)) if h_last - h == count => Ok((0..=count)
+            .map(|i| spec(first + i, Some(h + i), None))
+            .collect()),
+        Some((h, h_last)) if count == 0 => Ok(vec![spec(first, Some(h), Some(h_last))]),
+        Some(_) => Err(bad(format!(
+            "host range `{}` and container range `{target}` differ in length",
+            published.unwrap_or_default()
+        ))),
+    }
+}
+
+/// `expose:`: ports (or ranges) reachable on the project's networks only, as `PORT/PROTO`.
+pub(super) fn parse_expose(
+    cx: &Cx,
+    service: &str,
+    v: &Value,
+) -> Result<Vec<String>, ContainerError> {
+    let mut out = Vec::new();
+    for item in seq(cx, service, "expose", v)? {
+        let s =
+            scalar_string(item).ok_or_else(|| cx.invalid(service, "expose", "must hold ports"))?;
+        let (ports, proto) = s.split_once('/').unwrap_or((&s, "tcp"));
+        let (first, last) = port_range(ports)
+            .filter(|_| matches!(proto, "tcp" | "udp" | "sctp"))
+            .ok_or_else(|| {
+                cx.invalid(
+                    service,
+                    "expose",
+                    format!("`{s}` is not PORT[-PORT][/PROTO]"),
+                )
+            })?;
+        out.extend((first..=last).map(|p| format!("{p}/{proto}")));
+    }
+    Ok(out)
 }
 
 /// `healthcheck:`; `disable: true` becomes `test: ["NONE"]`.
@@ -196,11 +188,12 @@ pub(super) fn parse_healthcheck(
         timeout: dur("timeout")?,
         retries,
         start_period: dur("start_period")?,
+        start_interval: dur("start_interval")?,
     })
 }
 
 /// Compose durations: `1h2m3s`, `1m30s`, `10s`, `500ms`, `1.5s`, `100us`, `10ns`.
-fn parse_duration(s: &str) -> Option<Duration> {
+pub(super) fn parse_duration(s: &str) -> Option<Duration> {
     let s = s.trim();
     if s.is_empty() {
         return None;

@@ -1,26 +1,31 @@
 //! One service of the compose file: image and build, command, environment, dependencies, labels
-//! and networks.
+//! and networks; ports, mounts and run options are parsed by their own modules.
 
 use std::collections::BTreeMap;
 use std::path::{Component, Path};
 
 use yaml_serde::Value;
 
-use super::interpolate::{Vars, parse_env_lines};
-use super::model::{BuildSpec, DependCondition, Dependency, NamedObject, Service, split_image};
-use super::runtime::{parse_healthcheck, parse_mount, parse_port};
+use super::interpolate::Vars;
+use super::model::{BuildSpec, DependCondition, Dependency, Service, ServiceNetwork, split_image};
+use super::mounts::{parse_file_refs, parse_mount};
+use super::options::{parse_restart, parse_run_options};
+use super::project::Declared;
+use super::runtime::{parse_expose, parse_healthcheck, parse_port};
+use super::source::read_env_file;
 use super::validate::{inside_release, valid_tag};
-use super::{Cx, entries, key_values, scalar_string, seq, string_list, value_of};
+use super::{
+    Cx, boolean, entries, key_values, named_items, scalar_string, seq, string_list, value_of,
+};
 use crate::containers::error::ContainerError;
 
-/// One service, checked against the declared volumes and networks.
+/// One service, checked against what the top level declares.
 pub(super) fn parse_service(
     cx: &Cx,
     name: &str,
     v: &Value,
     vars: &Vars,
-    volumes: &[NamedObject],
-    networks: &[NamedObject],
+    declared: &Declared<'_>,
 ) -> Result<Service, ContainerError> {
     let fields = entries(v).ok_or_else(|| cx.invalid(name, "", "service must be a mapping"))?;
     let field = |k: &str| value_of(&fields, k);
@@ -44,60 +49,28 @@ pub(super) fn parse_service(
     let entrypoint = field("entrypoint")
         .map(|c| parse_command(cx, name, "entrypoint", c))
         .transpose()?;
-    let mut environment = BTreeMap::new();
-    if let Some(files) = field("env_file") {
-        for file in string_list(cx, name, "env_file", files)? {
-            let path = inside_release(cx, name, "env_file", &file)?;
-            let text =
-                std::fs::read_to_string(&path).map_err(|source| ContainerError::ReadFile {
-                    path: path.clone(),
-                    source,
-                })?;
-            environment.extend(parse_env_lines(&text));
+    let environment = parse_environment(cx, name, field("env_file"), field("environment"), vars)?;
+    let mut ports = Vec::new();
+    for p in items(cx, name, "ports", field("ports"))? {
+        ports.extend(parse_port(cx, name, p)?);
+    }
+    let expose = field("expose")
+        .map(|e| parse_expose(cx, name, e))
+        .transpose()?
+        .unwrap_or_default();
+    let mut mounts = Vec::new();
+    for m in items(cx, name, "volumes", field("volumes"))? {
+        mounts.push(parse_mount(cx, name, m, declared.volumes)?);
+    }
+    for (kind, files, default_dir) in [
+        ("secrets", declared.secrets, "/run/secrets/"),
+        ("configs", declared.configs, "/"),
+    ] {
+        if let Some(refs) = field(kind) {
+            mounts.extend(parse_file_refs(cx, name, kind, refs, files, default_dir)?);
         }
     }
-    if let Some(env) = field("environment") {
-        for (k, val) in key_values(cx, name, "environment", env)? {
-            match val.or_else(|| vars.get(&k).map(str::to_string)) {
-                Some(val) => {
-                    environment.insert(k, val);
-                }
-                None => {
-                    environment.remove(&k);
-                }
-            }
-        }
-    }
-    let ports = match field("ports") {
-        Some(p) => seq(cx, name, "ports", p)?
-            .iter()
-            .map(|p| parse_port(cx, name, p))
-            .collect::<Result<_, _>>()?,
-        None => Vec::new(),
-    };
-    let mounts = match field("volumes") {
-        Some(m) => seq(cx, name, "volumes", m)?
-            .iter()
-            .map(|m| parse_mount(cx, name, m, volumes))
-            .collect::<Result<_, _>>()?,
-        None => Vec::new(),
-    };
-    let restart = match field("restart").map(scalar_string) {
-        Some(Some(r)) => {
-            let ok = matches!(
-                r.as_str(),
-                "no" | "always" | "unless-stopped" | "on-failure"
-            ) || r
-                .strip_prefix("on-failure:")
-                .is_some_and(|n| n.parse::<u32>().is_ok());
-            if !ok {
-                return Err(cx.invalid(name, "restart", format!("`{r}` is not a restart policy")));
-            }
-            Some(r)
-        }
-        Some(None) => return Err(cx.invalid(name, "restart", "must be a string")),
-        None => None,
-    };
+    let restart = parse_restart(cx, name, field("restart"), field("deploy"))?;
     let healthcheck = field("healthcheck")
         .map(|h| parse_healthcheck(cx, name, h))
         .transpose()?;
@@ -106,24 +79,14 @@ pub(super) fn parse_service(
         None => Vec::new(),
     };
     let labels = parse_labels(cx, name, "labels", field("labels"))?;
-    let service_networks = match field("networks") {
-        Some(n) if n.as_mapping().is_some() => entries(n)
-            .unwrap_or_default()
-            .into_iter()
-            .map(|(k, _)| k)
-            .collect(),
-        Some(n) => string_list(cx, name, "networks", n)?,
-        None => vec!["default".to_string()],
-    };
-    for n in &service_networks {
-        if !networks.iter().any(|o| &o.key == n) {
-            return Err(cx.invalid(
-                name,
-                "networks",
-                format!("network `{n}` is not declared under the top-level `networks`"),
-            ));
-        }
-    }
+    let networks = parse_networks(
+        cx,
+        name,
+        field("networks"),
+        field("container_name"),
+        declared,
+    )?;
+    let run = parse_run_options(cx, name, &fields, declared.settings)?;
     Ok(Service {
         name: name.to_string(),
         build,
@@ -132,13 +95,139 @@ pub(super) fn parse_service(
         entrypoint,
         environment,
         ports,
+        expose,
         volumes: mounts,
         restart,
         healthcheck,
         depends_on,
         labels,
-        networks: service_networks,
+        networks,
+        run,
     })
+}
+
+/// The items of a list a service may leave out.
+fn items<'v>(
+    cx: &Cx,
+    name: &str,
+    key: &str,
+    v: Option<&'v Value>,
+) -> Result<&'v [Value], ContainerError> {
+    Ok(v.map(|v| seq(cx, name, key, v))
+        .transpose()?
+        .map_or(&[][..], Vec::as_slice))
+}
+
+/// `env_file` entries (short or long form), then `environment` over them; a variable listed
+/// without a value takes it from the environment, or is left out.
+fn parse_environment(
+    cx: &Cx,
+    name: &str,
+    env_file: Option<&Value>,
+    environment: Option<&Value>,
+    vars: &Vars,
+) -> Result<BTreeMap<String, String>, ContainerError> {
+    let mut out = BTreeMap::new();
+    let files: Vec<(String, bool)> = match env_file {
+        None => Vec::new(),
+        Some(Value::Sequence(items)) => items
+            .iter()
+            .map(|i| env_file_entry(cx, name, i))
+            .collect::<Result<_, _>>()?,
+        Some(one) => vec![env_file_entry(cx, name, one)?],
+    };
+    for (file, required) in files {
+        let path = inside_release(cx, name, "env_file", &file)?;
+        out.extend(read_env_file(&path, required)?);
+    }
+    if let Some(env) = environment {
+        for (k, val) in key_values(cx, name, "environment", env)? {
+            match val.or_else(|| vars.get(&k).map(str::to_string)) {
+                Some(val) => {
+                    out.insert(k, val);
+                }
+                None => {
+                    out.remove(&k);
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// One `env_file` entry: a path, or `{path, required, format}`; `(path, required)`.
+fn env_file_entry(cx: &Cx, name: &str, v: &Value) -> Result<(String, bool), ContainerError> {
+    if let Some(p) = scalar_string(v) {
+        return Ok((p, true));
+    }
+    let fields =
+        entries(v).ok_or_else(|| cx.invalid(name, "env_file", "must hold paths or mappings"))?;
+    let field = |k: &str| value_of(&fields, k);
+    if let Some(f) = field("format").and_then(scalar_string) {
+        return Err(cx.invalid(
+            name,
+            "env_file.format",
+            format!("`{f}` is not supported; deployd reads `KEY=value` lines"),
+        ));
+    }
+    let path = field("path")
+        .and_then(scalar_string)
+        .ok_or_else(|| cx.invalid(name, "env_file.path", "is required"))?;
+    let required = field("required")
+        .map(|r| boolean(cx, name, "env_file.required", r))
+        .transpose()?
+        .unwrap_or(true);
+    Ok((path, required))
+}
+
+/// `networks` (list, or map with `aliases`), each declared at the top level; `container_name`
+/// becomes one more alias on every network, so the name the app uses resolves while the
+/// container keeps deployd's `<project>-<service>-1`.
+fn parse_networks(
+    cx: &Cx,
+    name: &str,
+    v: Option<&Value>,
+    container_name: Option<&Value>,
+    declared: &Declared<'_>,
+) -> Result<Vec<ServiceNetwork>, ContainerError> {
+    let container_name = container_name
+        .map(|c| {
+            scalar_string(c)
+                .filter(|c| super::names::unusable_name(c).is_none())
+                .ok_or_else(|| {
+                    cx.invalid(
+                        name,
+                        "container_name",
+                        "must be a plain name (letters, digits, `_`, `.`, `-`)",
+                    )
+                })
+        })
+        .transpose()?;
+    let items = match v {
+        Some(v) => named_items(cx, name, "networks", v)?,
+        None => vec![("default".to_string(), None)],
+    };
+    let mut out = Vec::new();
+    for (key, spec) in items {
+        if !declared.networks.iter().any(|o| o.key == key) {
+            return Err(cx.invalid(
+                name,
+                "networks",
+                format!("network `{key}` is not declared under the top-level `networks`"),
+            ));
+        }
+        let mut aliases = match spec
+            .and_then(entries)
+            .as_deref()
+            .and_then(|f| value_of(f, "aliases"))
+        {
+            Some(a) => string_list(cx, name, &format!("networks.{key}.aliases"), a)?,
+            None => Vec::new(),
+        };
+        aliases.extend(container_name.clone());
+        out.push(ServiceNetwork { key, aliases });
+    }
+    Ok(out)
 }
 
 /// `build:`: a context path, or the mapping form.
@@ -292,41 +381,41 @@ fn shell_split(s: &str) -> Option<Vec<String>> {
     Some(words)
 }
 
-/// `depends_on`: a list of services, or a map with a `condition` each.
+/// `depends_on`: a list of services, or a map with `condition`, `restart` and `required`.
 fn parse_depends(cx: &Cx, service: &str, v: &Value) -> Result<Vec<Dependency>, ContainerError> {
-    if let Some(items) = entries(v) {
-        return items
-            .into_iter()
-            .map(|(dep, spec)| {
-                let cond = value_of(&entries(spec).unwrap_or_default(), "condition")
-                    .and_then(scalar_string);
-                let condition = match cond.as_deref() {
-                    None | Some("service_started") => DependCondition::Started,
-                    Some("service_healthy") => DependCondition::Healthy,
-                    Some(other) => {
-                        return Err(cx.invalid(
-                            service,
-                            &format!("depends_on.{dep}.condition"),
-                            format!(
-                                "`{other}` is not supported (use service_started or service_healthy)"
-                            ),
-                        ));
-                    }
-                };
-                Ok(Dependency {
-                    service: dep,
-                    condition,
-                })
-            })
-            .collect();
-    }
-    Ok(string_list(cx, service, "depends_on", v)?
+    named_items(cx, service, "depends_on", v)?
         .into_iter()
-        .map(|service| Dependency {
-            service,
-            condition: DependCondition::Started,
+        .map(|(dep, spec)| {
+            let fields = spec.and_then(entries).unwrap_or_default();
+            let key = |k: &str| format!("depends_on.{dep}.{k}");
+            let flag = |k: &str, default: bool| {
+                value_of(&fields, k)
+                    .map(|v| boolean(cx, service, &key(k), v))
+                    .transpose()
+                    .map(|b| b.unwrap_or(default))
+            };
+            let condition = match value_of(&fields, "condition").and_then(scalar_string).as_deref() {
+                None | Some("service_started") => DependCondition::Started,
+                Some("service_healthy") => DependCondition::Healthy,
+                Some("service_completed_successfully") => DependCondition::CompletedSuccessfully,
+                Some(other) => {
+                    return Err(cx.invalid(
+                        service,
+                        &key("condition"),
+                        format!(
+                            "`{other}` is not a condition (service_started, service_healthy, service_completed_successfully)"
+                        ),
+                    ));
+                }
+            };
+            Ok(Dependency {
+                restart: flag("restart", false)?,
+                required: flag("required", true)?,
+                service: dep,
+                condition,
+            })
         })
-        .collect())
+        .collect()
 }
 
 #[cfg(test)]

@@ -1,23 +1,26 @@
 //! Starting one service: reuse the running container when nothing changed, else replace it,
-//! then wait for it to become healthy.
+//! then wait for it to become healthy (or, for a one-shot job, to exit 0).
+//!
+//! Release binds are checked (no symlink component, beneath the release directory) immediately
+//! before the container is created and again immediately before it is started.
 
-use std::collections::HashMap;
 use std::time::Instant;
 
-use bollard::models::{EndpointSettings, NetworkCreateRequest, VolumeCreateRequest};
+use bollard::models::{ContainerSummaryStateEnum, NetworkConnectRequest};
 use bollard::query_parameters::{CreateContainerOptionsBuilder, CreateImageOptionsBuilder};
 use futures_util::StreamExt;
 
-use super::config::{container_config, container_name};
+use super::config::{container_config, container_name, endpoint, engine_network};
 use super::existing::label;
 use super::health::HealthError;
-use super::{LABEL_CONFIG_HASH, LABEL_PROJECT, LABEL_RELEASE, LABEL_SERVICE, ServiceUp, UpAction};
+use super::mounts::{BindRefused, engine_mounts, secure_binds};
+use super::{LABEL_CONFIG_HASH, LABEL_RELEASE, LABEL_SERVICE, ServiceUp, UpAction};
 use crate::config::ContainersConfig;
 use crate::containers::ReleaseRef;
 use crate::containers::build::release_image;
-use crate::containers::compose::{NamedObject, Project, Service};
+use crate::containers::compose::{MountSpec, Project, Service};
 use crate::containers::engine::Engine;
-use crate::containers::error::{ContainerError, is_not_found};
+use crate::containers::error::ContainerError;
 
 /// Why one service of a release did not start or become healthy.
 #[derive(Debug, thiserror::Error)]
@@ -25,6 +28,12 @@ pub(super) enum ServiceError {
     /// Its image, its networks and volumes, or the containers it replaces.
     #[error(transparent)]
     Engine(#[from] ContainerError),
+    /// A release bind did not pass the check before create or start.
+    #[error("container {container}: {source}")]
+    Bind {
+        container: String,
+        source: BindRefused,
+    },
     /// The engine refused to create the container.
     #[error("creating container {container}: {source}")]
     Create {
@@ -44,24 +53,53 @@ pub(super) enum ServiceError {
         container: String,
         source: bollard::errors::Error,
     },
-    /// The container started but did not become healthy.
-    #[error("container {container}: {source}")]
+    /// The container started but did not become healthy; `hint` names release binds the
+    /// compose file wanted writable, which are read-only.
+    #[error("container {container}: {source}{hint}")]
     Unhealthy {
         container: String,
         source: HealthError,
+        hint: String,
     },
+}
+
+/// What the compose file asked to be writable that is mounted read-only, as a hint for a
+/// container that failed.
+fn read_only_hint(service: &Service) -> String {
+    let binds: Vec<String> = service
+        .volumes
+        .iter()
+        .filter_map(|m| match m {
+            MountSpec::Bind {
+                source,
+                target,
+                requested_writable: true,
+            } => Some(format!("{}:{target}", source.display())),
+            _ => None,
+        })
+        .collect();
+    if binds.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "; note: release files are mounted read-only, including {} (keep writable data in a named volume)",
+            binds.join(", ")
+        )
+    }
 }
 
 impl Engine {
     /// Start one service of `release`: keep its container when it runs this very image and
-    /// configuration, else replace it; either way wait until it is healthy. Containers created
-    /// here are added to `created`, so a failed release can remove them.
+    /// configuration (and `force` is not set), else replace it; either way wait until it is
+    /// healthy, or has exited 0 for a job. Containers created here are added to `created`, so a
+    /// failed release can remove them.
     pub(super) async fn start_service(
         &self,
         project: &Project,
         service: &Service,
         release: &ReleaseRef<'_>,
         settings: &ContainersConfig,
+        force: bool,
         created: &mut Vec<String>,
     ) -> Result<ServiceUp, ServiceError> {
         let image = if service.build.is_some() {
@@ -70,11 +108,22 @@ impl Engine {
             service.image.clone()
         };
         let image_id = self.ensure_image(service, &image).await?;
-        let (mut body, hash) = container_config(project, service, &image, &image_id);
+        let (mut body, hash) = container_config(project, service, &image, &image_id, settings);
         let name = container_name(&project.name, &service.name);
+        let job = project.is_job(&service.name);
         let unhealthy = |source| ServiceError::Unhealthy {
             container: name.clone(),
             source,
+            hint: read_only_hint(service),
+        };
+        let up = |container_id: String, action, waited| ServiceUp {
+            service: service.name.clone(),
+            container: name.clone(),
+            container_id,
+            image: image.clone(),
+            image_id: image_id.clone(),
+            action,
+            became_healthy_after: waited,
         };
         let existing = self
             .project_containers(&project.name)
@@ -84,30 +133,49 @@ impl Engine {
             .collect::<Vec<_>>();
         let matching = existing.iter().find(|c| {
             label(c, LABEL_CONFIG_HASH) == Some(hash.as_str())
-                && c.state == Some(bollard::models::ContainerSummaryStateEnum::RUNNING)
+                && match c.state {
+                    Some(ContainerSummaryStateEnum::RUNNING) => !job,
+                    Some(ContainerSummaryStateEnum::EXITED) => {
+                        job && c
+                            .status
+                            .as_deref()
+                            .is_some_and(|s| s.starts_with("Exited (0)"))
+                    }
+                    _ => false,
+                }
         });
-        if let (Some(c), 1) = (matching, existing.len()) {
+        if let (Some(c), 1, false) = (matching, existing.len(), force) {
             let id = c.id.clone().unwrap_or_default();
-            let waited = self
-                .wait_healthy(&id, settings, Instant::now())
-                .await
-                .map_err(unhealthy)?;
+            let waited = if job {
+                Default::default()
+            } else {
+                self.wait_healthy(&id, settings, Instant::now())
+                    .await
+                    .map_err(unhealthy)?
+            };
             tracing::info!(project = %project.name, service = %service.name, container = %name, "unchanged");
-            return Ok(ServiceUp {
-                service: service.name.clone(),
-                container: name,
-                container_id: id,
-                image,
-                image_id,
-                action: UpAction::Unchanged,
-                became_healthy_after: waited,
-            });
+            return Ok(up(id, UpAction::Unchanged, waited));
         }
         let action = if existing.is_empty() {
             UpAction::Created
         } else {
             UpAction::Recreated
         };
+        let bind_refused = |source| ServiceError::Bind {
+            container: name.clone(),
+            source,
+        };
+        // Checked before the old container is stopped (a refused bind leaves it serving), and
+        // again immediately before create.
+        let secure = |body: &mut bollard::models::ContainerCreateBody| match body
+            .host_config
+            .as_mut()
+            .and_then(|h| h.mounts.as_mut())
+        {
+            Some(mounts) => secure_binds(project, service, mounts).map_err(bind_refused),
+            None => Ok(()),
+        };
+        secure(&mut body)?;
         for c in &existing {
             let id = c.id.clone().unwrap_or_default();
             self.stop_and_remove(&id).await?;
@@ -115,12 +183,14 @@ impl Engine {
         if let Some(labels) = body.labels.as_mut() {
             labels.insert(LABEL_RELEASE.into(), release.id.to_string());
         }
+        secure(&mut body)?;
+        let mut options = CreateContainerOptionsBuilder::new().name(&name);
+        if let Some(p) = &service.run.platform {
+            options = options.platform(p);
+        }
         let id = self
             .docker
-            .create_container(
-                Some(CreateContainerOptionsBuilder::new().name(&name).build()),
-                body,
-            )
+            .create_container(Some(options.build()), body)
             .await
             .map_err(|source| ServiceError::Create {
                 container: name.clone(),
@@ -128,31 +198,11 @@ impl Engine {
             })?
             .id;
         created.push(id.clone());
-        for net in service.networks.iter().skip(1) {
-            let engine_net = project
-                .networks
-                .iter()
-                .find(|n| &n.key == net)
-                .map(|n| n.engine_name.clone())
-                .unwrap_or_default();
-            self.docker
-                .connect_network(
-                    &engine_net,
-                    bollard::models::NetworkConnectRequest {
-                        container: id.clone(),
-                        endpoint_config: Some(EndpointSettings {
-                            aliases: Some(vec![service.name.clone()]),
-                            ..Default::default()
-                        }),
-                    },
-                )
-                .await
-                .map_err(|source| ServiceError::ConnectNetwork {
-                    container: name.clone(),
-                    network: engine_net.clone(),
-                    source,
-                })?;
-        }
+        self.connect_other_networks(project, service, &id, &name)
+            .await?;
+        // The container names the checked paths; check them again right before the engine
+        // mounts them.
+        secure_binds(project, service, &mut engine_mounts(service)).map_err(bind_refused)?;
         let started = Instant::now();
         self.docker
             .start_container(&id, None)
@@ -161,10 +211,12 @@ impl Engine {
                 container: name.clone(),
                 source,
             })?;
-        let waited = self
-            .wait_healthy(&id, settings, started)
-            .await
-            .map_err(unhealthy)?;
+        let waited = if job {
+            self.wait_completed(&id, settings, started).await
+        } else {
+            self.wait_healthy(&id, settings, started).await
+        }
+        .map_err(unhealthy)?;
         tracing::info!(
             project = %project.name,
             service = %service.name,
@@ -172,17 +224,38 @@ impl Engine {
             image = %image,
             release = release.id,
             after = ?waited,
+            job,
             "container healthy"
         );
-        Ok(ServiceUp {
-            service: service.name.clone(),
-            container: name,
-            container_id: id,
-            image,
-            image_id,
-            action,
-            became_healthy_after: waited,
-        })
+        Ok(up(id, action, waited))
+    }
+
+    /// Join the service's networks after the first (which the container was created on).
+    async fn connect_other_networks(
+        &self,
+        project: &Project,
+        service: &Service,
+        id: &str,
+        name: &str,
+    ) -> Result<(), ServiceError> {
+        for net in service.networks.iter().skip(1) {
+            let engine_net = engine_network(project, &net.key).unwrap_or_default();
+            self.docker
+                .connect_network(
+                    &engine_net,
+                    NetworkConnectRequest {
+                        container: id.to_string(),
+                        endpoint_config: Some(endpoint(service, net)),
+                    },
+                )
+                .await
+                .map_err(|source| ServiceError::ConnectNetwork {
+                    container: name.to_string(),
+                    network: engine_net.clone(),
+                    source,
+                })?;
+        }
+        Ok(())
     }
 
     /// The id of the image a service runs, pulling it when it is not built by deployd.
@@ -199,84 +272,17 @@ impl Engine {
             return Err(missing("it was not built for this release".into()));
         }
         tracing::info!(service = %service.name, image, "pulling image");
-        let mut pull = self.docker.create_image(
-            Some(CreateImageOptionsBuilder::new().from_image(image).build()),
-            None,
-            None,
-        );
+        let mut options = CreateImageOptionsBuilder::new().from_image(image);
+        if let Some(p) = &service.run.platform {
+            options = options.platform(p);
+        }
+        let mut pull = self.docker.create_image(Some(options.build()), None, None);
         while let Some(item) = pull.next().await {
             item.map_err(|e| missing(e.to_string()))?;
         }
         self.image_id(image)
             .await?
             .ok_or_else(|| missing("the pull did not produce it".into()))
-    }
-
-    /// Create the project's networks and volumes that do not exist yet; an external one must
-    /// exist already.
-    pub(super) async fn ensure_networks_and_volumes(
-        &self,
-        project: &Project,
-    ) -> Result<(), ContainerError> {
-        let labels = |kind: &str, obj: &NamedObject| -> HashMap<String, String> {
-            [
-                (LABEL_PROJECT.to_string(), project.name.clone()),
-                (format!("com.docker.compose.{kind}"), obj.key.clone()),
-            ]
-            .into()
-        };
-        let creating = |kind: &str, obj: &NamedObject| {
-            let action = format!("creating {kind} {}", obj.engine_name);
-            move |e| ContainerError::engine(action, e)
-        };
-        for net in &project.networks {
-            let found = self.docker.inspect_network(&net.engine_name, None).await;
-            if !needs_creating(found, net, "network")? {
-                continue;
-            }
-            self.docker
-                .create_network(NetworkCreateRequest {
-                    name: net.engine_name.clone(),
-                    driver: net.driver.clone(),
-                    labels: Some(labels("network", net)),
-                    ..Default::default()
-                })
-                .await
-                .map_err(creating("network", net))?;
-        }
-        for vol in &project.volumes {
-            let found = self.docker.inspect_volume(&vol.engine_name).await;
-            if !needs_creating(found, vol, "volume")? {
-                continue;
-            }
-            self.docker
-                .create_volume(VolumeCreateRequest {
-                    name: Some(vol.engine_name.clone()),
-                    labels: Some(labels("volume", vol)),
-                    ..Default::default()
-                })
-                .await
-                .map_err(creating("volume", vol))?;
-        }
-        Ok(())
-    }
-}
-
-/// Whether a network or volume (`kind`) has to be created, from the engine's answer to looking
-/// it up: not when it exists; an error when the lookup failed, or when it is missing and external
-/// (managed outside deployd).
-fn needs_creating<T>(
-    lookup: Result<T, bollard::errors::Error>,
-    obj: &NamedObject,
-    kind: &str,
-) -> Result<bool, ContainerError> {
-    match lookup {
-        Ok(_) => Ok(false),
-        Err(e) if is_not_found(&e) && !obj.external => Ok(true),
-        Err(e) => Err(ContainerError::engine(
-            format!("looking up {kind} {}", obj.engine_name),
-            e,
-        )),
     }
 }
 
@@ -291,30 +297,11 @@ mod tests {
             source: HealthError::CheckFailed {
                 last: "exit 1: refused".into(),
             },
+            hint: String::new(),
         };
         assert_eq!(
             e.to_string(),
             "container app-web-1: healthcheck failed (exit 1: refused)"
         );
-    }
-
-    #[test]
-    fn only_missing_managed_objects_are_created() {
-        let obj = |external| NamedObject {
-            key: "data".into(),
-            engine_name: "app_data".into(),
-            external,
-            driver: None,
-        };
-        let missing = || {
-            Err::<(), _>(bollard::errors::Error::DockerResponseServerError {
-                status_code: 404,
-                message: "no such volume".into(),
-            })
-        };
-        assert!(!needs_creating(Ok(()), &obj(false), "volume").unwrap());
-        assert!(needs_creating(missing(), &obj(false), "volume").unwrap());
-        let e = needs_creating(missing(), &obj(true), "volume").unwrap_err();
-        assert!(e.to_string().contains("looking up volume app_data"), "{e}");
     }
 }

@@ -12,9 +12,6 @@ use crate::containers::compose::Project;
 use crate::containers::engine::Engine;
 use crate::containers::error::{ContainerError, is_not_found};
 
-/// How long a container gets to stop before it is killed.
-const STOP_TIMEOUT_SECS: i32 = 10;
-
 impl Engine {
     /// Every container of a project (running or not), found by its compose project label.
     pub(crate) async fn project_containers(
@@ -34,19 +31,13 @@ impl Engine {
             .map_err(|e| ContainerError::engine(format!("listing containers of {project}"), e))
     }
 
-    /// Stop a container (killed after [`STOP_TIMEOUT_SECS`]) and remove it; one that is gone
-    /// already counts as removed.
+    /// Stop a container (with its own stop signal, killed after its own grace period:
+    /// `stop_signal` and `stop_grace_period`, 10 s by default) and remove it with its anonymous
+    /// volumes; one that is gone already counts as removed.
     pub(super) async fn stop_and_remove(&self, id: &str) -> Result<(), ContainerError> {
         match self
             .docker
-            .stop_container(
-                id,
-                Some(
-                    StopContainerOptionsBuilder::new()
-                        .t(STOP_TIMEOUT_SECS)
-                        .build(),
-                ),
-            )
+            .stop_container(id, Some(StopContainerOptionsBuilder::new().build()))
             .await
         {
             Ok(()) => {}
@@ -66,7 +57,12 @@ impl Engine {
             .docker
             .remove_container(
                 id,
-                Some(RemoveContainerOptionsBuilder::new().force(true).build()),
+                Some(
+                    RemoveContainerOptionsBuilder::new()
+                        .force(true)
+                        .v(true)
+                        .build(),
+                ),
             )
             .await
         {

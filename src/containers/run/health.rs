@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use bollard::models::HealthStatusEnum;
+use bollard::models::{ContainerInspectResponse, ContainerStateStatusEnum, HealthStatusEnum};
 
 use crate::config::ContainersConfig;
 use crate::containers::engine::Engine;
@@ -37,6 +37,32 @@ fn in_parens(text: Option<&str>) -> String {
 }
 
 impl Engine {
+    /// Inspect a container every [`HEALTH_POLL`] until `judge` says how it went, or until
+    /// `health_timeout` after `started`; the time it took.
+    async fn poll(
+        &self,
+        id: &str,
+        settings: &ContainersConfig,
+        started: Instant,
+        mut judge: impl FnMut(ContainerInspectResponse) -> Option<Result<(), HealthError>>,
+    ) -> Result<Duration, HealthError> {
+        let deadline = started + settings.health_timeout.0;
+        loop {
+            let c = self
+                .docker
+                .inspect_container(id, None)
+                .await
+                .map_err(HealthError::Inspect)?;
+            if let Some(done) = judge(c) {
+                return done.map(|()| started.elapsed());
+            }
+            if Instant::now() >= deadline {
+                return Err(HealthError::Timeout(settings.health_timeout.0));
+            }
+            tokio::time::sleep(HEALTH_POLL).await;
+        }
+    }
+
     /// Wait until a container is healthy; the error is the reason it is not.
     pub(super) async fn wait_healthy(
         &self,
@@ -44,32 +70,24 @@ impl Engine {
         settings: &ContainersConfig,
         started: Instant,
     ) -> Result<Duration, HealthError> {
-        let deadline = started + settings.health_timeout.0;
         let mut running_since: Option<Instant> = None;
         let mut restarts: Option<i64> = None;
-        loop {
-            let c = self
-                .docker
-                .inspect_container(id, None)
-                .await
-                .map_err(HealthError::Inspect)?;
+        self.poll(id, settings, started, |c| {
             let state = c.state.unwrap_or_default();
             let restart_count = c.restart_count.unwrap_or(0);
-            if !state.running.unwrap_or(false) || state.restarting.unwrap_or(false) {
-                if state.status == Some(bollard::models::ContainerStateStatusEnum::CREATED) {
-                    // Not started yet; keep waiting.
-                } else {
-                    return Err(HealthError::Exited {
-                        code: state.exit_code.unwrap_or_default(),
-                        detail: state.error.filter(|e| !e.is_empty()),
-                    });
-                }
+            if (!state.running.unwrap_or(false) || state.restarting.unwrap_or(false))
+                && state.status != Some(ContainerStateStatusEnum::CREATED)
+            {
+                return Some(Err(HealthError::Exited {
+                    code: state.exit_code.unwrap_or_default(),
+                    detail: state.error.filter(|e| !e.is_empty()),
+                }));
             }
             if *restarts.get_or_insert(restart_count) != restart_count {
-                return Err(HealthError::Restarted(restart_count));
+                return Some(Err(HealthError::Restarted(restart_count)));
             }
             match state.health.as_ref().and_then(|h| h.status) {
-                Some(HealthStatusEnum::HEALTHY) => return Ok(started.elapsed()),
+                Some(HealthStatusEnum::HEALTHY) => Some(Ok(())),
                 Some(HealthStatusEnum::UNHEALTHY) => {
                     let last = state
                         .health
@@ -83,24 +101,44 @@ impl Engine {
                             )
                         })
                         .unwrap_or_default();
-                    return Err(HealthError::CheckFailed { last });
+                    Some(Err(HealthError::CheckFailed { last }))
                 }
-                Some(HealthStatusEnum::STARTING) => {}
-                _ => {
-                    // No healthcheck: running for the grace period counts as healthy.
-                    if state.running.unwrap_or(false) {
-                        let since = *running_since.get_or_insert_with(Instant::now);
-                        if since.elapsed() >= settings.health_grace.0 {
-                            return Ok(started.elapsed());
-                        }
-                    }
+                Some(HealthStatusEnum::STARTING) => None,
+                // No healthcheck: running for the grace period counts as healthy.
+                _ if state.running.unwrap_or(false) => {
+                    let since = *running_since.get_or_insert_with(Instant::now);
+                    (since.elapsed() >= settings.health_grace.0).then_some(Ok(()))
                 }
+                _ => None,
             }
-            if Instant::now() >= deadline {
-                return Err(HealthError::Timeout(settings.health_timeout.0));
+        })
+        .await
+    }
+
+    /// Wait until a one-shot container (a dependency with `service_completed_successfully`)
+    /// exits; exit code 0 is success.
+    pub(super) async fn wait_completed(
+        &self,
+        id: &str,
+        settings: &ContainersConfig,
+        started: Instant,
+    ) -> Result<Duration, HealthError> {
+        self.poll(id, settings, started, |c| {
+            let state = c.state.unwrap_or_default();
+            let exited = matches!(
+                state.status,
+                Some(ContainerStateStatusEnum::EXITED | ContainerStateStatusEnum::DEAD)
+            );
+            match state.exit_code {
+                Some(0) if exited => Some(Ok(())),
+                Some(code) if exited => Some(Err(HealthError::Exited {
+                    code,
+                    detail: state.error.filter(|e| !e.is_empty()),
+                })),
+                _ => None,
             }
-            tokio::time::sleep(HEALTH_POLL).await;
-        }
+        })
+        .await
     }
 }
 

@@ -27,6 +27,8 @@ mod config;
 mod create;
 mod existing;
 mod health;
+mod mounts;
+mod objects;
 
 use self::create::ServiceError;
 
@@ -38,6 +40,18 @@ const LABEL_SERVICE: &str = "com.docker.compose.service";
 const LABEL_RELEASE: &str = "deployd.release";
 /// Label: hash of the image id and container configuration.
 const LABEL_CONFIG_HASH: &str = "deployd.config-hash";
+
+/// Labels from the compose file plus deployd's own, which win.
+fn with_labels(
+    from_file: &std::collections::BTreeMap<String, String>,
+    own: impl IntoIterator<Item = (String, String)>,
+) -> std::collections::HashMap<String, String> {
+    from_file
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .chain(own)
+        .collect()
+}
 
 /// What `up` or `rollback` did.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -99,6 +113,9 @@ impl Engine {
         previous: Option<(&Project, &ReleaseRef<'_>)>,
         settings: &ContainersConfig,
     ) -> Result<UpReport, ContainerError> {
+        // Volumes and networks that are not the app's own stop the release before anything is
+        // touched.
+        self.ensure_networks_and_volumes(project).await?;
         let failure = match self.start_release(project, release, settings).await {
             Ok(mut report) => {
                 report.orphans_removed = self.remove_orphans(project).await?;
@@ -192,8 +209,16 @@ impl Engine {
             });
         }
         for service in &project.services {
+            // `depends_on: {x: {restart: true}}`: recreated along with `x`.
+            let force = service.depends_on.iter().any(|d| {
+                d.restart
+                    && report
+                        .services
+                        .iter()
+                        .any(|u| u.service == d.service && u.action != UpAction::Unchanged)
+            });
             match self
-                .start_service(project, service, release, settings, &mut created)
+                .start_service(project, service, release, settings, force, &mut created)
                 .await
             {
                 Ok(up) => report.services.push(up),
