@@ -17,7 +17,7 @@ use crate::containers::ReleaseRef;
 use crate::containers::build::release_image;
 use crate::containers::compose::{NamedObject, Project, Service};
 use crate::containers::engine::Engine;
-use crate::containers::error::{ContainerError, is_not_found};
+use crate::containers::error::{ContainerError, is_engine_failure, is_not_found};
 
 /// Why one service of a release did not start or become healthy.
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +50,27 @@ pub(super) enum ServiceError {
         container: String,
         source: HealthError,
     },
+}
+
+impl ServiceError {
+    /// `Some(unavailable)` when the engine failed (it could not pull, create, connect or
+    /// start, or stopped answering), `unavailable` when it was unreachable or answered with a
+    /// server error; `None` when the service itself did not become healthy.
+    pub(super) fn engine_failure(&self) -> Option<bool> {
+        match self {
+            ServiceError::Engine(ContainerError::Engine { source, .. })
+            | ServiceError::Create { source, .. }
+            | ServiceError::ConnectNetwork { source, .. }
+            | ServiceError::Start { source, .. }
+            | ServiceError::Unhealthy {
+                source: HealthError::Inspect(source),
+                ..
+            } => Some(is_engine_failure(source)),
+            // An image that could not be pulled, a lookup that failed.
+            ServiceError::Engine(_) => Some(true),
+            ServiceError::Unhealthy { .. } => None,
+        }
+    }
 }
 
 impl Engine {
