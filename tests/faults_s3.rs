@@ -83,7 +83,11 @@ fn slowdown_past_the_attempts_fails_with_69_and_leaves_the_host_as_it_was() {
     let (host, proxy, r1) = flaky(Fault::Status(503), 0, 100, "attempts = 3");
     let (run, took) = deploy_v2(&host);
     run.fails_with(69, "s3://");
-    assert!(run.error_line().contains("v2.tar.gz"), "{}", run.error_line());
+    assert!(
+        run.error_line().contains("v2.tar.gz"),
+        "{}",
+        run.error_line()
+    );
     assert_eq!(proxy.faults(), 3, "exactly [s3] attempts tries");
     assert!(took < Duration::from_secs(20), "gave up in {took:?}");
     host.assert_failed_intact(&r1, 69);
@@ -105,7 +109,10 @@ fn a_connection_reset_mid_body_is_resumed_from_where_it_broke() {
     assert_v2_serves(&host, &run);
     let gets = gets(&proxy);
     assert_eq!(gets.len(), 2, "{gets:?}");
-    let range = gets[1].0.clone().expect("the second GET is a range request");
+    let range = gets[1]
+        .0
+        .clone()
+        .expect("the second GET is a range request");
     let offset: u64 = range
         .trim_start_matches("bytes=")
         .trim_end_matches('-')

@@ -516,7 +516,10 @@ impl Engine {
         });
         if let Some(e) = lost {
             return Err(ContainerError::engine(
-                format!("building image {} (the connection to the engine broke)", run.tag),
+                format!(
+                    "building image {} (the connection to the engine broke)",
+                    run.tag
+                ),
                 e,
             ));
         }

@@ -315,7 +315,11 @@ impl Host {
     /// `code` and whose serving record is `release`.
     #[track_caller]
     pub fn assert_failed_intact(&self, release: &str, code: i32) {
-        assert_eq!(self.current().as_deref(), Some(release), "current untouched");
+        assert_eq!(
+            self.current().as_deref(),
+            Some(release),
+            "current untouched"
+        );
         assert_eq!(self.staging_entries(), 0, "no staging left behind");
         let state = self.state();
         assert_eq!(state["current"]["id"], release, "{state}");

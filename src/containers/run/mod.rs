@@ -118,13 +118,14 @@ impl Engine {
             "release did not start, rolling back"
         );
         self.remove_containers(&failure.created).await;
-        let start_failed = |rolled_back_to: Option<&str>, unavailable| ContainerError::StartFailed {
-            release: release.id.to_string(),
-            service: failure.service.clone(),
-            reason: failure.reason.to_string(),
-            rolled_back_to: rolled_back_to.map(str::to_string),
-            unavailable,
-        };
+        let start_failed =
+            |rolled_back_to: Option<&str>, unavailable| ContainerError::StartFailed {
+                release: release.id.to_string(),
+                service: failure.service.clone(),
+                reason: failure.reason.to_string(),
+                rolled_back_to: rolled_back_to.map(str::to_string),
+                unavailable,
+            };
         let Some((prev_project, prev_release)) = previous else {
             return Err(match engine_failure {
                 Some(unavailable) => start_failed(None, unavailable),
