@@ -262,6 +262,7 @@ pub(crate) fn is_connection_error(e: &bollard::errors::Error) -> bool {
         e,
         E::IOError { .. }
             | E::HyperResponseError { .. }
+            | E::HyperLegacyError { .. }
             | E::RequestTimeoutError
             | E::SocketNotFoundError(_)
     )

@@ -347,18 +347,23 @@ fn forward_requests<C: Conn>(
     from.close();
 }
 
-/// An S3-style error answer with `status`, closing the connection.
+/// An error answer with `status`, closing the connection: S3's `SlowDown` for 503, else a
+/// JSON message as the Docker engine sends.
 fn error_answer(status: u16) -> String {
-    let (reason, code) = match status {
-        503 => ("Slow Down", "SlowDown"),
-        500 => ("Internal Server Error", "InternalError"),
-        _ => ("Error", "InternalError"),
+    let (reason, kind, body) = match status {
+        503 => (
+            "Slow Down",
+            "application/xml",
+            "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>SlowDown</Code><Message>injected by the test proxy</Message><RequestId>0</RequestId></Error>",
+        ),
+        _ => (
+            "Internal Server Error",
+            "application/json",
+            "{\"message\":\"injected by the test proxy\"}",
+        ),
     };
-    let body = format!(
-        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>{code}</Code><Message>injected by the test proxy</Message><RequestId>0</RequestId></Error>"
-    );
     format!(
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: application/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     )
 }
