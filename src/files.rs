@@ -84,7 +84,7 @@ pub fn is_no_space(e: &io::Error) -> bool {
 pub fn free_space(path: &Path) -> Option<u64> {
     let existing = path.ancestors().find(|p| p.exists())?;
     let st = nix::sys::statvfs::statvfs(existing).ok()?;
-    Some(u64::from(st.blocks_available()).saturating_mul(u64::from(st.fragment_size())))
+    Some(st.blocks_available().saturating_mul(st.fragment_size()))
 }
 
 /// `1.5 MiB`.

@@ -137,7 +137,7 @@ fn a_full_disk_while_unpacking_fails_cleanly_and_names_the_space() {
     }
     host.assert_failed_intact(&r1, 70);
     assert_eq!(host.served_version(), "v1");
-    assert_eq!(host.releases(), [r1.clone()], "nothing half-installed");
+    assert_eq!(host.releases(), vec![r1.clone()], "nothing half-installed");
     assert!(temporaries(&host.state_dir()).is_empty());
     // The space is back: the next attempt of something that fits succeeds.
     host.upload("web/v3.tar.gz", &app("v3").gz(), "3333333333333333");

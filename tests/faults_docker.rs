@@ -142,7 +142,7 @@ fn an_engine_restarting_mid_build_fails_with_69_and_the_previous_release_keeps_s
     v1_still_serves(&app, &host, &r1);
     assert_eq!(
         host.releases(),
-        [r1.clone()],
+        vec![r1.clone()],
         "the unbuilt release was removed"
     );
     host.assert_failed_intact(&r1, 69);
