@@ -27,19 +27,8 @@ use aws_sdk_s3::config::http::HttpResponse;
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use serde::{Deserialize, Serialize};
 
+pub use crate::config::S3Config;
 use crate::error::{ExitCode, error_chain, exit};
-
-/// `[s3]` in the config file.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct S3Config {
-    /// Default: `AWS_REGION`, then the profile, then IMDS.
-    pub region: Option<String>,
-    /// Default: the SDK's own resolution (`AWS_ENDPOINT_URL_S3`, `AWS_ENDPOINT_URL`).
-    pub endpoint_url: Option<String>,
-    /// Forced on for IP-address and `localhost` endpoints.
-    pub force_path_style: bool,
-}
 
 /// An object in S3; once verified, pinned to one version of its bytes.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -239,10 +228,12 @@ pub(crate) fn aws_loader(budget: CallBudget) -> aws_config::ConfigLoader {
 
 /// Builds the S3 client from the config and the standard AWS environment.
 pub async fn client(cfg: &S3Config) -> Result<aws_sdk_s3::Client, S3SetupError> {
+    // No attempt or operation timeout: the same client uploads multi-GB artifacts in CI. The
+    // download bounds itself (`[s3] read_timeout` between chunks, `download_deadline` overall).
     let mut loader = aws_loader(CallBudget {
-        attempts: 5,
-        connect: Duration::from_secs(5),
-        read: Some(Duration::from_secs(60)),
+        attempts: cfg.attempts,
+        connect: cfg.connect_timeout.0,
+        read: Some(cfg.read_timeout.0),
         attempt: None,
         operation: None,
     });

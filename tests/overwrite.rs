@@ -62,7 +62,14 @@ fn download_is_pinned_to_the_verified_object() {
                 .unwrap();
             let (tx, rx) = tokio::sync::mpsc::channel(8);
             let sink = drain(rx);
-            let result = fetch::download(&client, &verified, tx, &mut |_| {}).await;
+            let result = fetch::download(
+                &client,
+                &verified,
+                fetch::Timeouts::from_config(&Default::default()),
+                tx,
+                &mut |_| {},
+            )
+            .await;
             let bytes = sink.await.unwrap();
             if versioned {
                 // versionId pins the old version: exactly v1's bytes.

@@ -137,7 +137,7 @@ impl Agent {
         tokio::pin!(shutdown);
         self.reporter.begin("startup");
         self.notifier.status(Stage::Reconciling.as_str());
-        let serving = self.deployer.host().reconcile()?;
+        let serving = self.deployer.reconcile()?;
         self.reporter.serving(serving, None);
 
         // Triggers: startup first, then files (the watcher scans what is already there), then

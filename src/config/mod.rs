@@ -15,10 +15,9 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::error::{ExitCode, exit};
-pub use crate::s3::S3Config;
 pub use sections::{
-    ContainersConfig, DaemonConfig, ReleasesConfig, ReportConfig, SourceConfig, TriggersConfig,
-    UnpackConfig,
+    ContainersConfig, DaemonConfig, ReleasesConfig, ReportConfig, S3Config, SourceConfig,
+    TriggersConfig, UnpackConfig,
 };
 pub use values::{HumanDuration, Size, parse_size};
 
@@ -251,6 +250,21 @@ impl Config {
             }
         }
         self.validate_containers()?;
+        if !(1..=20).contains(&self.s3.attempts) {
+            return Err(self.invalid("s3.attempts", "must be between 1 and 20"));
+        }
+        for (key, value) in [
+            ("s3.connect_timeout", self.s3.connect_timeout),
+            ("s3.read_timeout", self.s3.read_timeout),
+            ("s3.download_deadline", self.s3.download_deadline),
+            ("containers.engine_wait", self.containers.engine_wait),
+            ("containers.engine_timeout", self.containers.engine_timeout),
+            ("containers.build_timeout", self.containers.build_timeout),
+        ] {
+            if value.0.is_zero() {
+                return Err(self.invalid(key, "must be greater than zero"));
+            }
+        }
         if let Some(url) = &self.s3.endpoint_url
             && !(url.starts_with("http://") || url.starts_with("https://"))
         {
@@ -527,6 +541,12 @@ mod tests {
                 "containers.compose_file",
             ),
             ("[s3]\nendpoint_url = \"127.0.0.1:9000\"", "s3.endpoint_url"),
+            ("[s3]\nattempts = 0", "s3.attempts"),
+            ("[s3]\nread_timeout = \"0s\"", "s3.read_timeout"),
+            (
+                "[containers]\nbuild_timeout = \"0s\"",
+                "containers.build_timeout",
+            ),
             ("[report]\ntag_prefix = \"aws:x\"", "report.tag_prefix"),
             ("[report]\ntag_prefix = \"my app/\"", "report.tag_prefix"),
             ("[report]\nmetrics_file = \"x.prom\"", "report.metrics_file"),

@@ -47,6 +47,42 @@ impl Default for SourceConfig {
     }
 }
 
+/// `[s3]`: the S3 client.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct S3Config {
+    /// Default: `AWS_REGION`, then the profile, then IMDS.
+    pub region: Option<String>,
+    /// Default: the SDK's own resolution (`AWS_ENDPOINT_URL_S3`, `AWS_ENDPOINT_URL`).
+    pub endpoint_url: Option<String>,
+    /// Forced on for IP-address and `localhost` endpoints.
+    pub force_path_style: bool,
+    /// Attempts per request, the first included (5xx, `SlowDown`, connection resets are
+    /// retried with backoff).
+    pub attempts: u32,
+    /// How long connecting may take.
+    pub connect_timeout: HumanDuration,
+    /// How long S3 may stay silent: waiting for an answer, and between two pieces of a
+    /// download's body (a stalled body is resumed where it stopped).
+    pub read_timeout: HumanDuration,
+    /// The fetch stage as a whole: the download, its retries and resumes.
+    pub download_deadline: HumanDuration,
+}
+
+impl Default for S3Config {
+    fn default() -> Self {
+        S3Config {
+            region: None,
+            endpoint_url: None,
+            force_path_style: false,
+            attempts: 5,
+            connect_timeout: HumanDuration(Duration::from_secs(5)),
+            read_timeout: HumanDuration(Duration::from_secs(30)),
+            download_deadline: HumanDuration(Duration::from_secs(3600)),
+        }
+    }
+}
+
 /// `[unpack]`: limits on one archive.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -108,6 +144,13 @@ pub struct ContainersConfig {
     pub cap_drop: Vec<String>,
     /// The most processes one container may run (a service may ask for fewer).
     pub pids_limit: i64,
+    /// How long a deployment waits for the Docker engine to answer (it may start after
+    /// deployd at boot, or be restarting).
+    pub engine_wait: HumanDuration,
+    /// How long one engine request may take to be answered (a hung engine is given up on).
+    pub engine_timeout: HumanDuration,
+    /// The build stage as a whole: every image of the release.
+    pub build_timeout: HumanDuration,
 }
 
 impl Default for ContainersConfig {
@@ -124,6 +167,9 @@ impl Default for ContainersConfig {
                 .map(String::from)
                 .to_vec(),
             pids_limit: 4096,
+            engine_wait: HumanDuration(Duration::from_secs(120)),
+            engine_timeout: HumanDuration(Duration::from_secs(300)),
+            build_timeout: HumanDuration(Duration::from_secs(3600)),
         }
     }
 }

@@ -37,7 +37,7 @@ use futures_util::StreamExt;
 use super::compose::{BuildSpec, Project, Service, split_image};
 use super::context::stream_context;
 use super::engine::Engine;
-use super::error::{ContainerError, is_not_found};
+use super::error::{ContainerError, is_connection_error, is_not_found};
 use super::{CACHE_CLEARED_MARKER, ReleaseRef};
 
 /// What one deployment's builds did.
@@ -505,6 +505,7 @@ impl Engine {
         let mut aux_id = None;
         let mut error = None;
         let mut told = None;
+        let mut lost = None;
         while let Some(item) = stream.next().await {
             match item {
                 Ok(info) => {
@@ -527,6 +528,11 @@ impl Engine {
                 Err(bollard::errors::Error::DockerStreamError { error: e }) => {
                     error = Some(e);
                 }
+                // The engine went away mid-build (restarting, crashed): not the release's fault.
+                Err(e) if is_connection_error(&e) => {
+                    lost = Some(e);
+                    break;
+                }
                 Err(e) => {
                     error = Some(e.to_string());
                     break;
@@ -539,6 +545,15 @@ impl Engine {
             action: format!("sending the build context of service `{}`", service.name),
             message: e.to_string(),
         });
+        if let Some(e) = lost {
+            return Err(ContainerError::engine(
+                format!(
+                    "building image {} (the connection to the engine broke)",
+                    run.tag
+                ),
+                e,
+            ));
+        }
         // A context that could not be read explains a failed build better than the engine does.
         match written {
             Ok(Err(e)) => return Err(e),

@@ -31,8 +31,10 @@ use bollard::Docker;
 
 use super::error::ContainerError;
 
-/// How long one engine request may take (builds of large images included).
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(3600);
+/// How long the engine may take to answer one request, unless `[containers] engine_timeout`
+/// says otherwise (a build's answer starts once its context is uploaded; its output then
+/// streams for as long as the build runs).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long one startup ping may take before it counts as a failed attempt.
 const PING_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -106,10 +108,19 @@ impl Engine {
     /// Connect to the local engine (`DOCKER_HOST` or the default socket), waiting up to `wait` for
     /// it to answer.
     pub async fn connect(wait: Duration) -> Result<Engine, ContainerError> {
-        Self::connect_to(None, wait, |attempt, elapsed, error| {
+        Self::connect_with(wait, REQUEST_TIMEOUT).await
+    }
+
+    /// [`Engine::connect`], giving up on any later request the engine has not answered
+    /// within `request_timeout`.
+    pub async fn connect_with(
+        wait: Duration,
+        request_timeout: Duration,
+    ) -> Result<Engine, ContainerError> {
+        let progress = |attempt, elapsed, error: &str| {
             tracing::info!(attempt, ?elapsed, %error, "waiting for docker");
-        })
-        .await
+        };
+        Self::connect_on(None, wait, request_timeout, progress).await
     }
 
     /// [`Engine::connect`] to a given unix socket (`None`: `DOCKER_HOST` or the default socket),
@@ -117,6 +128,15 @@ impl Engine {
     pub async fn connect_to(
         socket: Option<&Path>,
         wait: Duration,
+        progress: impl FnMut(usize, Duration, &str),
+    ) -> Result<Engine, ContainerError> {
+        Self::connect_on(socket, wait, REQUEST_TIMEOUT, progress).await
+    }
+
+    async fn connect_on(
+        socket: Option<&Path>,
+        wait: Duration,
+        request_timeout: Duration,
         mut progress: impl FnMut(usize, Duration, &str),
     ) -> Result<Engine, ContainerError> {
         let started = Instant::now();
@@ -130,13 +150,13 @@ impl Engine {
             let docker = match socket {
                 Some(path) => Docker::connect_with_unix(
                     &path.to_string_lossy(),
-                    REQUEST_TIMEOUT.as_secs(),
+                    request_timeout.as_secs(),
                     bollard::API_DEFAULT_VERSION,
                 ),
                 None => Docker::connect_with_local_defaults(),
             }
             .map_err(|e| e.to_string())?
-            .with_timeout(REQUEST_TIMEOUT);
+            .with_timeout(request_timeout);
             match tokio::time::timeout(PING_TIMEOUT, docker.ping()).await {
                 Ok(Ok(_)) => Ok(docker),
                 Ok(Err(e)) => Err(e.to_string()),

@@ -165,6 +165,39 @@ pub enum ContainerError {
         /// Why it did not (the container it was, and what the engine said).
         reason: String,
     },
+    /// The engine failed while the new release was being started (pulling an image, creating
+    /// a network, volume or container, starting it, or answering at all): the release was not
+    /// unhealthy, the engine was.
+    #[error(
+        "release {release}: the Docker engine failed while starting service `{service}` ({reason}); {}",
+        match rolled_back_to {
+            Some(previous) => format!("rolled back to {previous}, which serves again"),
+            None => "there is no previous release to roll back to".to_string(),
+        }
+    )]
+    StartFailed {
+        /// The release that failed.
+        release: String,
+        /// The service being started (`(networks)` for the project's networks and volumes).
+        service: String,
+        /// What the engine said.
+        reason: String,
+        /// The previous release, started again.
+        rolled_back_to: Option<String>,
+        /// The engine could not be reached or answered with a server error (exit 69).
+        unavailable: bool,
+    },
+    /// The build stage ran past `[containers] build_timeout`.
+    #[error(
+        "the builds of release {release} did not finish within {} ([containers] build_timeout); the serving release was left running",
+        humantime::format_duration(*limit)
+    )]
+    BuildTimeout {
+        /// The release being built.
+        release: String,
+        /// The limit.
+        limit: Duration,
+    },
     /// The new release did not become healthy and there was nothing to roll back to.
     #[error(
         "release {release}: service `{service}` did not become healthy ({reason}) and there is no previous release to roll back to"
@@ -225,8 +258,15 @@ impl ExitCode for ContainerError {
             | Self::Interpolation { .. }
             | Self::BuildFailed { .. } => exit::DATAERR,
             Self::ComposeRead { .. } | Self::ReadFile { .. } => exit::DATAERR,
-            Self::EngineUnavailable { .. } => exit::UNAVAILABLE,
-            Self::Engine { source, .. } if is_connection_error(source) => exit::UNAVAILABLE,
+            Self::EngineUnavailable { .. } | Self::BuildTimeout { .. } => exit::UNAVAILABLE,
+            Self::StartFailed { unavailable, .. } => {
+                if *unavailable {
+                    exit::UNAVAILABLE
+                } else {
+                    exit::SOFTWARE
+                }
+            }
+            Self::Engine { source, .. } if is_engine_failure(source) => exit::UNAVAILABLE,
             Self::ImageMissing { .. } => exit::UNAVAILABLE,
             Self::RolledBack { .. } | Self::UnhealthyNoPrevious { .. } | Self::Unhealthy { .. } => {
                 exit::TEMPFAIL
@@ -255,9 +295,20 @@ pub(crate) fn is_connection_error(e: &bollard::errors::Error) -> bool {
         e,
         E::IOError { .. }
             | E::HyperResponseError { .. }
+            | E::HyperLegacyError { .. }
             | E::RequestTimeoutError
             | E::SocketNotFoundError(_)
     )
+}
+
+/// Whether a bollard error means the engine is unreachable or failed on its side (HTTP 5xx):
+/// a dependency unavailable (exit 69), as opposed to a request it refused.
+pub(crate) fn is_engine_failure(e: &bollard::errors::Error) -> bool {
+    is_connection_error(e)
+        || matches!(
+            e,
+            bollard::errors::Error::DockerResponseServerError { status_code, .. } if *status_code >= 500
+        )
 }
 
 /// Whether a bollard error is the engine saying "no such object" (HTTP 404).

@@ -265,8 +265,20 @@ impl Status {
                 }
                 write_atomic(path, &bytes, 0o644).map_err(|e| e.to_string())
             });
-        if let Err(error) = result {
-            tracing::debug!(path = %path.display(), %error, "could not write status file");
+        // Written at every stage and progress step: a full disk is told once, not each time.
+        static FAILING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        let was_failing = FAILING.swap(result.is_err(), std::sync::atomic::Ordering::Relaxed);
+        match result {
+            Err(error) if !was_failing => {
+                tracing::warn!(path = %path.display(), %error, "could not write the status file; deploying on without it");
+            }
+            Err(error) => {
+                tracing::debug!(path = %path.display(), %error, "could not write status file");
+            }
+            Ok(()) if was_failing => {
+                tracing::info!(path = %path.display(), "the status file is written again");
+            }
+            Ok(()) => {}
         }
     }
 

@@ -5,7 +5,6 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::time::Duration;
 
 use super::{DeployError, Deployer, Request};
 use crate::config::envfile::EnvFile;
@@ -13,9 +12,6 @@ use crate::containers::{ClearReport, ContainerError, Engine, ReleaseRef};
 use crate::contract::host::Manifest;
 use crate::contract::now_rfc3339;
 use crate::contract::state::{Attempt, Outcome, Stage};
-
-/// How long a deployment waits for the Docker engine to answer (it may start after deployd).
-const DOCKER_WAIT: Duration = Duration::from_secs(120);
 
 impl Deployer {
     /// True when containers are enabled and `dir` holds the compose file.
@@ -29,7 +25,13 @@ impl Deployer {
             return Ok(engine);
         }
         self.reporter.stage(Stage::WaitingForDocker, None);
-        let engine = self.cancellable(Engine::connect(DOCKER_WAIT)).await?;
+        let settings = &self.cfg.containers;
+        let engine = self
+            .cancellable(Engine::connect_with(
+                settings.engine_wait.0,
+                settings.engine_timeout.0,
+            ))
+            .await?;
         let reporter = self.reporter.clone();
         let engine = engine.with_step_hook(std::sync::Arc::new(move |service, step, steps| {
             reporter.build_step(service, step, steps)
@@ -79,8 +81,18 @@ impl Deployer {
             tracing::info!(?report, "caches cleared");
         }
         self.reporter.stage(Stage::Building, Some(id.to_string()));
+        let build = engine.build(&project, &release, previous_ref.as_ref(), req.force_rebuild);
         let built = self
-            .cancellable(engine.build(&project, &release, previous_ref.as_ref(), req.force_rebuild))
+            .cancellable(async {
+                tokio::time::timeout(settings.build_timeout.0, build)
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(ContainerError::BuildTimeout {
+                            release: id.to_string(),
+                            limit: settings.build_timeout.0,
+                        })
+                    })
+            })
             .await?;
         for s in &built.services {
             tracing::info!(
@@ -114,7 +126,11 @@ impl Deployer {
             // anything else (no previous release, the restart failed too, an engine error)
             // is a failure, reported as what it is.
             return Err(match e {
-                e @ ContainerError::RolledBack { .. } => DeployError::RolledBack(Box::new(e)),
+                e @ (ContainerError::RolledBack { .. }
+                | ContainerError::StartFailed {
+                    rolled_back_to: Some(_),
+                    ..
+                }) => DeployError::RolledBack(Box::new(e)),
                 e => DeployError::from(e),
             });
         }

@@ -16,6 +16,22 @@ use super::verify::Verified;
 use super::{DeployError, Deployer, check_sha256};
 use crate::contract::signature::Signed;
 use crate::contract::state::Stage;
+use crate::files::{free_space, human_bytes, is_no_space};
+
+/// Bytes of the files under `dir` (what a failed unpack had written).
+fn tree_size(dir: &std::path::Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => tree_size(&e.path()),
+            Ok(t) if t.is_file() => e.metadata().map_or(0, |m| m.len()),
+            _ => 0,
+        })
+        .sum()
+}
 
 /// A fetched, unpacked, checksummed tree waiting to be installed.
 pub(super) struct Staged {
@@ -26,6 +42,10 @@ pub(super) struct Staged {
 }
 
 impl Deployer {
+    fn fetch_timeouts(&self) -> fetch::Timeouts {
+        fetch::Timeouts::from_config(&self.cfg.s3)
+    }
+
     fn unpack_limits(&self) -> unpack::Limits {
         unpack::Limits {
             max_entries: self.cfg.unpack.max_entries,
@@ -34,10 +54,23 @@ impl Deployer {
         }
     }
 
-    fn unpack_error(v: &Verified) -> impl FnOnce(UnpackError) -> DeployError + '_ {
-        move |source| DeployError::Unpack {
-            object: v.object.clone(),
-            source,
+    /// The deployment error for a failed unpack into `staging`: a full disk says how much
+    /// the release had taken when it filled up (read before the staging tree is removed).
+    fn unpack_error(v: &Verified, staging: &Staging, source: UnpackError) -> DeployError {
+        match source {
+            UnpackError::Io { path, source, .. } if is_no_space(&source) => DeployError::NoSpace {
+                action: format!("unpacking {}", v.object),
+                needed: format!(
+                    "more than the {} it had unpacked",
+                    human_bytes(tree_size(staging.path()))
+                ),
+                free: human_bytes(free_space(&path).unwrap_or(0)),
+                path,
+            },
+            source => DeployError::Unpack {
+                object: v.object.clone(),
+                source,
+            },
         }
     }
 
@@ -66,7 +99,7 @@ impl Deployer {
         // On cancellation the download is dropped, which closes the channel; the unpacker then
         // stops with an error and removes its staging tree before the join below returns.
         let fetched = tokio::select! {
-            r = fetch::download(&self.s3, v, tx, &mut progress) => Some(r),
+            r = fetch::download(&self.s3, v, self.fetch_timeouts(), tx, &mut progress) => Some(r),
             _ = self.cancelled() => None,
         };
         let (staging, unpacked) = unpacker
@@ -84,7 +117,7 @@ impl Deployer {
                 stats,
             }),
             (Err(FetchError::ConsumerGone), Err(e)) | (Ok(_), Err(e)) => {
-                Err(Self::unpack_error(v)(e))
+                Err(Self::unpack_error(v, &staging, e))
             }
             (Err(e), _) => Err(e.into()),
         }
@@ -115,14 +148,23 @@ impl Deployer {
         let mut verifier = signed.verifier()?;
         let mut observe = |chunk: &[u8]| verifier.update(chunk);
         let fetched = tokio::select! {
-            r = fetch::download_observed(&self.s3, v, tx, &mut progress, &mut observe) => Some(r),
+            r = fetch::download_observed(&self.s3, v, self.fetch_timeouts(), tx, &mut progress, &mut observe) => Some(r),
             _ = self.cancelled() => None,
         };
         let written = writer
             .await
             .map_err(|e| DeployError::Internal(format!("spooling the artifact ({e})")))?;
         let spool_err = |e: std::io::Error| {
-            DeployError::Internal(format!("writing {} ({e})", spool_file.display()))
+            if is_no_space(&e) {
+                DeployError::NoSpace {
+                    path: spool_file.clone(),
+                    action: format!("spooling {} for its signature check", v.object),
+                    needed: human_bytes(v.size),
+                    free: human_bytes(free_space(&spool_file).unwrap_or(0)),
+                }
+            } else {
+                DeployError::Internal(format!("writing {} ({e})", spool_file.display()))
+            }
         };
         let downloaded = match (fetched, written) {
             (None, _) => return Err(DeployError::Cancelled),
@@ -162,7 +204,7 @@ impl Deployer {
         .await
         .map_err(|e| DeployError::Internal(format!("unpacking ({e})")))?;
         drop(spool);
-        let (compression, stats) = unpacked.map_err(Self::unpack_error(v))?;
+        let (compression, stats) = unpacked.map_err(|e| Self::unpack_error(v, &staging, e))?;
         Ok(Staged {
             staging,
             downloaded,

@@ -86,14 +86,34 @@ exit_codes!(FetchError {
     ConsumerGone => SOFTWARE,
 });
 
+/// How long a download may wait for the next bytes, and take in all.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// Silence between two pieces of the body (`[s3] read_timeout`): the body is resumed.
+    pub read: Duration,
+    /// The whole download, resumes included (`[s3] download_deadline`).
+    pub deadline: Duration,
+}
+
+impl Timeouts {
+    /// The timeouts `[s3]` configures.
+    pub fn from_config(cfg: &crate::config::S3Config) -> Timeouts {
+        Timeouts {
+            read: cfg.read_timeout.0,
+            deadline: cfg.download_deadline.0,
+        }
+    }
+}
+
 /// Downloads `v` into `tx`, calling `progress(bytes_so_far)` as data arrives.
 pub async fn download(
     s3: &Client,
     v: &Verified,
+    timeouts: Timeouts,
     tx: mpsc::Sender<Chunk>,
     progress: &mut (dyn FnMut(u64) + Send),
 ) -> Result<Downloaded, FetchError> {
-    download_observed(s3, v, tx, progress, &mut |_| {}).await
+    download_observed(s3, v, timeouts, tx, progress, &mut |_| {}).await
 }
 
 /// [`download`], also handing every byte, in order and exactly once, to `observe` (a
@@ -101,6 +121,32 @@ pub async fn download(
 pub async fn download_observed(
     s3: &Client,
     v: &Verified,
+    timeouts: Timeouts,
+    tx: mpsc::Sender<Chunk>,
+    progress: &mut (dyn FnMut(u64) + Send),
+    observe: &mut (dyn FnMut(&[u8]) + Send),
+) -> Result<Downloaded, FetchError> {
+    let deadline = timeouts.deadline;
+    tokio::time::timeout(
+        deadline,
+        download_within(s3, v, timeouts.read, tx, progress, observe),
+    )
+    .await
+    .unwrap_or_else(|_| {
+        Err(FetchError::Unavailable {
+            object: v.object.clone(),
+            reason: format!(
+                "it did not finish within {} ([s3] download_deadline)",
+                humantime::format_duration(deadline)
+            ),
+        })
+    })
+}
+
+async fn download_within(
+    s3: &Client,
+    v: &Verified,
+    read_timeout: Duration,
     tx: mpsc::Sender<Chunk>,
     progress: &mut (dyn FnMut(u64) + Send),
     observe: &mut (dyn FnMut(&[u8]) + Send),
@@ -148,7 +194,13 @@ pub async fn download_observed(
         }
         let mut body = resp.body;
         let broken = loop {
-            match body.next().await {
+            let Ok(next) = tokio::time::timeout(read_timeout, body.next()).await else {
+                break Some(format!(
+                    "no data for {} ([s3] read_timeout)",
+                    humantime::format_duration(read_timeout)
+                ));
+            };
+            match next {
                 Some(Ok(mut chunk)) => {
                     if offset + chunk.len() as u64 > v.size {
                         return Err(FetchError::SizeMismatch {
@@ -186,14 +238,12 @@ pub async fn download_observed(
                     resumes,
                 });
             }
-            None => {
-                return Err(FetchError::SizeMismatch {
-                    object: v.object.clone(),
-                    expected: v.size,
-                    got: offset,
-                });
-            }
-            Some(reason) if resumes < MAX_RESUMES => {
+            // A body that ends cleanly but short (a proxy or server that closed early, a wrong
+            // Content-Length) is resumed like one that broke off: the pin guarantees the rest
+            // is of the same object, and the digest checks the whole.
+            broken if resumes < MAX_RESUMES => {
+                let reason = broken
+                    .unwrap_or_else(|| format!("the body ended at byte {offset} of {}", v.size));
                 resumes += 1;
                 tracing::warn!(
                     bucket = %object.bucket,
@@ -204,6 +254,13 @@ pub async fn download_observed(
                     "download broke off, resuming with a range request"
                 );
                 tokio::time::sleep(Duration::from_millis(200 * u64::from(resumes))).await;
+            }
+            None => {
+                return Err(FetchError::SizeMismatch {
+                    object: v.object.clone(),
+                    expected: v.size,
+                    got: offset,
+                });
             }
             Some(reason) => {
                 return Err(unavailable(format!(

@@ -136,6 +136,20 @@ pub enum DeployError {
         /// The digest of what arrived.
         actual: String,
     },
+    /// The disk filled up while the artifact was being written; nothing was activated.
+    #[error(
+        "no space left on the filesystem of {path} while {action}: it needs {needed}, {free} is free; nothing was activated: free some space and deploy again"
+    )]
+    NoSpace {
+        /// The file being written when the disk filled up.
+        path: std::path::PathBuf,
+        /// What was being done (`unpacking s3://b/k`).
+        action: String,
+        /// How much space it needs (exactly, or a lower bound: `more than 3 MiB`).
+        needed: String,
+        /// What the filesystem had free at the end.
+        free: String,
+    },
     /// A release on disk or `current` could not be changed.
     #[error(transparent)]
     Release(#[from] ReleaseError),
@@ -180,6 +194,7 @@ exit_codes!(DeployError {
     Fetch(e) => e.exit_code(),
     Unpack { source, .. } => source.exit_code(),
     Checksum { .. } => DATAERR,
+    NoSpace { .. } => SOFTWARE,
     Release(e) => e.exit_code(),
     State(e) => e.exit_code(),
     Container(e) | RolledBack(e) => e.exit_code(),
@@ -240,6 +255,20 @@ impl Deployer {
     /// The host's `current` and `state.json`.
     pub fn host(&self) -> Host<'_> {
         Host::new(&self.layout)
+    }
+
+    /// Reconciles the host holding the deployment lock (see [`Host::reconcile`]); when another
+    /// process holds it, that process is mid-deployment and its staging is not debris, so the
+    /// host is left alone and what `state.json` records is returned.
+    pub fn reconcile(&self) -> Result<Option<crate::contract::state::ReleaseSummary>, HostError> {
+        match self.layout.lock() {
+            Ok(_lock) => self.host().reconcile(),
+            Err(ReleaseError::Busy { path }) => {
+                tracing::warn!(lock = %path.display(), "another deployment is running; not reconciling the host now");
+                Ok(self.host().load()?.current)
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Resolves when cancellation is requested; never, without a cancel channel.
@@ -307,10 +336,21 @@ impl Deployer {
             error,
             exit_code: code,
         };
-        let state = self.host().record(attempt.clone())?;
-        self.reporter.finish(&attempt, state.current.clone());
-        self.report_outward(&attempt, state.current.as_ref(), true)
-            .await;
+        // A state file that cannot be written (a full disk) must not hide how the attempt
+        // ended: the status, the log and the tags still say it; the old state.json stays.
+        let (serving, recorded) = match self.host().record(attempt.clone()) {
+            Ok(state) => (state.current, Ok(())),
+            Err(error) => {
+                tracing::error!(%error, "could not record the attempt in state.json");
+                (self.host().load().ok().and_then(|s| s.current), Err(error))
+            }
+        };
+        self.reporter.finish(&attempt, serving.clone());
+        self.report_outward(&attempt, serving.as_ref(), true).await;
+        let result = match (result, recorded) {
+            (Ok(_), Err(error)) => Err(DeployError::State(error)),
+            (result, _) => result,
+        };
         match &result {
             Ok(done) => tracing::info!(
                 outcome = outcome.as_str(),
@@ -330,7 +370,10 @@ impl Deployer {
 
     /// The pipeline; `target` learns the artifact as soon as it is known.
     async fn run(&self, req: &Request, target: &mut Option<S3Object>) -> Result<Done, DeployError> {
-        self.layout.ensure()?;
+        // Under the lock: whatever a killed run left (staging trees, temporary files, a
+        // `current` naming an incomplete release) is cleaned up before anything else, by a
+        // one-shot `deploy` as much as by the daemon.
+        self.host().reconcile()?;
         self.reporter.stage(Stage::Resolving, None);
         let env = EnvFile::load(&self.cfg.environment_file)?;
         let artifact = self
@@ -421,7 +464,9 @@ impl Deployer {
             {
                 if !matches!(e, DeployError::RolledBack(_)) {
                     // Never activated: its tree is of no use to anyone.
-                    let _ = crate::files::remove_tree(&release_dir);
+                    if let Err(error) = self.layout.discard(&id) {
+                        tracing::warn!(release = %id, %error, "could not remove the release that was never activated");
+                    }
                 }
                 return Err(e);
             }

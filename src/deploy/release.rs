@@ -116,20 +116,52 @@ impl Layout {
         }
     }
 
-    /// Removes everything under `staging/` (debris of an interrupted deployment).
+    /// Removes the debris of interrupted deployments: everything under `staging/`, and the
+    /// temporary files (`.current.<pid>.tmp`, `.state.json.<pid>.tmp`, ...) a process killed
+    /// between writing and renaming leaves in the state directory. Only call it holding the
+    /// deployment lock: nothing else is then writing there.
     pub fn clean_staging(&self) -> Result<usize, ReleaseError> {
         let mut removed = 0;
-        let entries = match fs::read_dir(&self.paths.staging) {
-            Ok(e) => e,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
-            Err(e) => return Err(io_err("list", &self.paths.staging)(e)),
-        };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            remove_tree(&path)?;
-            removed += 1;
+        for (dir, debris) in [
+            (&self.paths.staging, (|_: &str| true) as fn(&str) -> bool),
+            (&self.paths.state_dir, |name: &str| {
+                name.starts_with('.') && name.ends_with(".tmp")
+            }),
+        ] {
+            let entries = match fs::read_dir(dir) {
+                Ok(e) => e,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(io_err("list", dir)(e)),
+            };
+            for entry in entries.flatten() {
+                if debris(&entry.file_name().to_string_lossy()) {
+                    remove_tree(&entry.path())?;
+                    removed += 1;
+                }
+            }
         }
         Ok(removed)
+    }
+
+    /// Removes a release directory so that no crash can leave half of it under `releases/`:
+    /// it is first renamed into `staging/` (whose content is debris by definition), then
+    /// deleted.
+    pub fn discard(&self, id: &str) -> Result<(), ReleaseError> {
+        let dir = self.release_dir(id);
+        let doomed = self.paths.staging.join(format!(
+            "discard-{}-{}",
+            std::process::id(),
+            fastrand::u64(..)
+        ));
+        fs::create_dir_all(&self.paths.staging).map_err(io_err("create", &self.paths.staging))?;
+        match fs::rename(&dir, &doomed) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(io_err("move aside", &dir)(e)),
+        }
+        sync_dir(&self.paths.releases).map_err(io_err("sync", &self.paths.releases))?;
+        remove_tree(&doomed)?;
+        Ok(())
     }
 
     /// A fresh, empty directory under `staging/`.
@@ -293,7 +325,7 @@ impl Layout {
             if protect.contains(&id.as_str()) {
                 continue;
             }
-            remove_tree(&self.release_dir(&id))?;
+            self.discard(&id)?;
             removed.push(id);
         }
         Ok(removed)

@@ -303,6 +303,30 @@ impl Host {
         std::fs::write(&self.config, text.replace(&moto().endpoint, endpoint)).unwrap();
     }
 
+    /// Adds `lines` (`key = value`) to the config's `[s3]` table.
+    pub fn set_s3(&self, lines: &str) {
+        let text = std::fs::read_to_string(&self.config).unwrap();
+        let text = text.replacen("[s3]\n", &format!("[s3]\n{lines}\n"), 1);
+        std::fs::write(&self.config, text).unwrap();
+    }
+
+    /// Asserts the host is as `deployd` must leave it after a failed attempt: `release`
+    /// still serves, no staging, a readable `state.json` whose last attempt failed with
+    /// `code` and whose serving record is `release`.
+    #[track_caller]
+    pub fn assert_failed_intact(&self, release: &str, code: i32) {
+        assert_eq!(
+            self.current().as_deref(),
+            Some(release),
+            "current untouched"
+        );
+        assert_eq!(self.staging_entries(), 0, "no staging left behind");
+        let state = self.state();
+        assert_eq!(state["current"]["id"], release, "{state}");
+        assert_eq!(state["last_attempt"]["outcome"], "failed", "{state}");
+        assert_eq!(state["last_attempt"]["exit_code"], code, "{state}");
+    }
+
     pub fn write_env(&self, text: &str) {
         std::fs::write(self.dir.path().join("environment"), text).unwrap();
     }

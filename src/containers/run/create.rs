@@ -20,7 +20,7 @@ use crate::containers::ReleaseRef;
 use crate::containers::build::release_image;
 use crate::containers::compose::{MountSpec, Project, Service};
 use crate::containers::engine::Engine;
-use crate::containers::error::ContainerError;
+use crate::containers::error::{ContainerError, is_engine_failure};
 
 /// Why one service of a release did not start or become healthy.
 #[derive(Debug, thiserror::Error)]
@@ -85,6 +85,30 @@ fn read_only_hint(service: &Service) -> String {
             "; note: release files are mounted read-only, including {} (keep writable data in a named volume)",
             binds.join(", ")
         )
+    }
+}
+
+impl ServiceError {
+    /// `Some(unavailable)` when the engine failed (it could not pull, create, connect or
+    /// start, or stopped answering), `unavailable` when it was unreachable or answered with a
+    /// server error; `None` when the service itself did not become healthy.
+    pub(super) fn engine_failure(&self) -> Option<bool> {
+        match self {
+            ServiceError::Engine(ContainerError::Engine { source, .. })
+            | ServiceError::Create { source, .. }
+            | ServiceError::ConnectNetwork { source, .. }
+            | ServiceError::Start { source, .. }
+            | ServiceError::Unhealthy {
+                source: HealthError::Inspect(source),
+                ..
+            } => Some(is_engine_failure(source)),
+            // An image that could not be pulled, a lookup that failed.
+            ServiceError::Engine(_) => Some(true),
+            // A release bind that turned into a symlink after validation: refused before the
+            // engine saw it; not the container's health.
+            ServiceError::Bind { .. } => Some(false),
+            ServiceError::Unhealthy { .. } => None,
+        }
     }
 }
 

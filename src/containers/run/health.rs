@@ -7,6 +7,7 @@ use bollard::models::{ContainerInspectResponse, ContainerStateStatusEnum, Health
 
 use crate::config::ContainersConfig;
 use crate::containers::engine::Engine;
+use crate::containers::error::is_engine_failure;
 
 /// How often health is polled.
 const HEALTH_POLL: Duration = Duration::from_millis(250);
@@ -48,11 +49,17 @@ impl Engine {
     ) -> Result<Duration, HealthError> {
         let deadline = started + settings.health_timeout.0;
         loop {
-            let c = self
-                .docker
-                .inspect_container(id, None)
-                .await
-                .map_err(HealthError::Inspect)?;
+            let c = match self.docker.inspect_container(id, None).await {
+                Ok(c) => c,
+                // An engine restarting (or briefly overloaded) is waited for, within the
+                // health timeout: the container itself may be fine.
+                Err(e) if is_engine_failure(&e) && Instant::now() < deadline => {
+                    tracing::warn!(container = id, error = %e, "the Docker engine did not answer; asking again");
+                    tokio::time::sleep(HEALTH_POLL).await;
+                    continue;
+                }
+                Err(e) => return Err(HealthError::Inspect(e)),
+            };
             if let Some(done) = judge(c) {
                 return done.map(|()| started.elapsed());
             }

@@ -123,19 +123,34 @@ impl Engine {
             }
             Err(f) => f,
         };
+        // Unhealthy containers are the release's fault; an engine that failed is not, and the
+        // error must say which it was.
+        let engine_failure = failure.reason.engine_failure();
         tracing::warn!(
             project = %project.name,
             release = release.id,
             service = %failure.service,
             reason = %failure.reason,
-            "release did not become healthy, rolling back"
+            engine_failure = engine_failure.is_some(),
+            "release did not start, rolling back"
         );
         self.remove_containers(&failure.created).await;
-        let Some((prev_project, prev_release)) = previous else {
-            return Err(ContainerError::UnhealthyNoPrevious {
+        let start_failed =
+            |rolled_back_to: Option<&str>, unavailable| ContainerError::StartFailed {
                 release: release.id.to_string(),
-                service: failure.service,
+                service: failure.service.clone(),
                 reason: failure.reason.to_string(),
+                rolled_back_to: rolled_back_to.map(str::to_string),
+                unavailable,
+            };
+        let Some((prev_project, prev_release)) = previous else {
+            return Err(match engine_failure {
+                Some(unavailable) => start_failed(None, unavailable),
+                None => ContainerError::UnhealthyNoPrevious {
+                    release: release.id.to_string(),
+                    service: failure.service,
+                    reason: failure.reason.to_string(),
+                },
             });
         };
         match self
@@ -151,11 +166,14 @@ impl Engine {
                     release = prev_release.id,
                     "previous release is serving again"
                 );
-                Err(ContainerError::RolledBack {
-                    release: release.id.to_string(),
-                    previous: prev_release.id.to_string(),
-                    service: failure.service,
-                    reason: failure.reason.to_string(),
+                Err(match engine_failure {
+                    Some(unavailable) => start_failed(Some(prev_release.id), unavailable),
+                    None => ContainerError::RolledBack {
+                        release: release.id.to_string(),
+                        previous: prev_release.id.to_string(),
+                        service: failure.service,
+                        reason: failure.reason.to_string(),
+                    },
                 })
             }
             Err(rollback) => Err(ContainerError::RollbackFailed {
