@@ -56,6 +56,9 @@ pub(crate) enum Command {
         /// Why, for the log and the status.
         #[arg(long)]
         reason: Option<String>,
+        /// Accept a signed release older than the newest accepted (honoured from root only).
+        #[arg(long)]
+        allow_downgrade: bool,
     },
     /// Deploy now, in the foreground, and exit with the result.
     Deploy {
@@ -74,6 +77,10 @@ pub(crate) enum Command {
         /// Skip the container stage.
         #[arg(long)]
         no_containers: bool,
+        /// Accept a signed release older than the newest one accepted here (a deliberate
+        /// rollback; the usual way is to publish the old build again).
+        #[arg(long)]
+        allow_downgrade: bool,
     },
     /// Run the head-object checks on s3://bucket/key and print what they found.
     Verify {
@@ -103,6 +110,8 @@ pub(crate) enum Command {
     Publish(crate::ci::publish::PublishRequest),
     /// CI: delete old artifacts per environment, keeping the newest, the young and the pointed-at.
     Gc(crate::ci::gc::GcRequest),
+    /// CI: re-sign {app}/{environment}/current.json unchanged, so hosts limiting its age keep it.
+    RefreshPointer(crate::ci::refresh::RefreshRequest),
 }
 
 fn parse_duration(s: &str) -> Result<HumanDuration, String> {

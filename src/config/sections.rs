@@ -6,6 +6,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::{HumanDuration, Size};
+use crate::contract::signature::{PublicKeys, TrustedKeys};
 
 /// `[source]`.
 #[derive(Debug, Clone, Deserialize)]
@@ -25,10 +26,26 @@ pub struct SourceConfig {
     pub max_artifact_size: Size,
     /// User metadata every artifact must carry.
     pub required_metadata: Vec<String>,
-    /// Minisign public key; when set, unsigned artifacts are refused.
-    pub public_key: Option<String>,
+    /// Minisign public key (or keys, during a rotation); when set, unsigned artifacts and
+    /// pointers are refused and every release's signed identity is checked.
+    pub public_key: Option<PublicKeys>,
     /// A release pointer to follow, with `bucket`.
     pub pointer_key: Option<String>,
+    /// Buckets a trigger file or `--bucket` may name besides the configured one.
+    pub allowed_buckets: Vec<String>,
+    /// A signed pointer older than this is refused as expired; `0s` turns the check off.
+    pub max_pointer_age: HumanDuration,
+}
+
+impl SourceConfig {
+    /// The trusted public keys, when signatures are required (the config was validated, so
+    /// they parse; a key that does not is reported as the config error it is).
+    pub fn trusted_keys(&self) -> Result<Option<TrustedKeys>, String> {
+        self.public_key
+            .as_ref()
+            .map(PublicKeys::trusted)
+            .transpose()
+    }
 }
 
 impl Default for SourceConfig {
@@ -43,6 +60,8 @@ impl Default for SourceConfig {
             required_metadata: Vec::new(),
             public_key: None,
             pointer_key: None,
+            allowed_buckets: Vec::new(),
+            max_pointer_age: HumanDuration(Duration::ZERO),
         }
     }
 }

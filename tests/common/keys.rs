@@ -1,0 +1,121 @@
+//! minisign key pairs as people make them: with the `minisign` command line, unencrypted
+//! (`minisign -G -W`) or protected by a password. A test that needs the command line skips
+//! when it is missing, and fails when `CI` is set (`scripts/test` installs it).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+/// A key pair on disk.
+#[derive(Debug, Clone)]
+pub struct Keys {
+    /// The secret key file, for `publish --sign`.
+    pub secret: PathBuf,
+    /// The `RWQ...` public key, for `[source] public_key`.
+    pub public: String,
+    /// The secret key's password, if it has one (`DEPLOYD_SIGN_PASSWORD`).
+    pub password: Option<String>,
+}
+
+impl Keys {
+    /// The environment `publish` needs for this key.
+    pub fn env(&self) -> Vec<(&'static str, &str)> {
+        self.password
+            .as_deref()
+            .map(|p| ("DEPLOYD_SIGN_PASSWORD", p))
+            .into_iter()
+            .collect()
+    }
+}
+
+/// True when the `minisign` command line is installed; panics under `CI` when it is not.
+pub fn minisign_cli() -> bool {
+    let found = Command::new("minisign")
+        .arg("-v")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !found {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI is set and the minisign command line is missing (apt-get install minisign)"
+        );
+        eprintln!("skipping: the minisign command line is not installed");
+    }
+    found
+}
+
+/// A key pair made by `minisign -G` in `dir`: unencrypted (`-W`) without a password. `None`
+/// (skip) when the command line is missing outside CI.
+pub fn cli_keys(dir: &Path, name: &str, password: Option<&str>) -> Option<Keys> {
+    if !minisign_cli() {
+        return None;
+    }
+    let secret = dir.join(format!("{name}.key"));
+    let public = dir.join(format!("{name}.pub"));
+    let mut cmd = Command::new("minisign");
+    cmd.args(["-G", "-f", "-p"])
+        .arg(&public)
+        .arg("-s")
+        .arg(&secret)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    if password.is_none() {
+        cmd.arg("-W");
+    }
+    cmd.stdin(Stdio::piped());
+    let mut child = cmd.spawn().expect("run minisign -G");
+    {
+        // Without a terminal minisign reads the password (and its confirmation) from stdin.
+        let mut stdin = child.stdin.take().unwrap();
+        if let Some(pw) = password {
+            write!(stdin, "{pw}\n{pw}\n").unwrap();
+        }
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "minisign -G failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(&public).unwrap();
+    let first = std::fs::read_to_string(&secret).unwrap();
+    assert!(first.contains("secret key"), "{first}");
+    Some(Keys {
+        secret,
+        public: text.lines().nth(1).unwrap().trim().to_string(),
+        password: password.map(str::to_string),
+    })
+}
+
+/// Signs `file` with the minisign command line, its own way (default trusted comment):
+/// a valid signature that carries no deployd release identity.
+pub fn cli_sign(keys: &Keys, file: &Path) -> String {
+    let sig = file.with_extension("minisig");
+    let mut child = Command::new("minisign")
+        .args(["-S", "-s"])
+        .arg(&keys.secret)
+        .arg("-m")
+        .arg(file)
+        .arg("-x")
+        .arg(&sig)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run minisign -S");
+    {
+        let mut stdin = child.stdin.take().unwrap();
+        if let Some(pw) = &keys.password {
+            writeln!(stdin, "{pw}").unwrap();
+        }
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::read_to_string(sig).unwrap()
+}
