@@ -62,6 +62,12 @@ pub(super) async fn dispatch(cli: Cli) -> Result<i32, Failure> {
                 allow_downgrade,
                 origin: TriggerOrigin::File(PathBuf::new()),
             };
+            if allow_downgrade && !nix::unistd::geteuid().is_root() {
+                return Err(Failure {
+                    code: exit::USAGE,
+                    message: "--allow-downgrade needs root: the daemon honours it only in trigger files root owns".into(),
+                });
+            }
             if let Some(object) = trigger.target() {
                 // The daemon refuses it too; saying so now spares a failed deployment.
                 source::check_request(&cfg, &env, &object, &Instance::new(&cfg.report)).await?;

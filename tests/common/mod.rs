@@ -12,6 +12,7 @@ pub mod ec2;
 pub mod imds;
 pub mod keys;
 pub mod proxy;
+pub mod signed;
 pub mod tarball;
 
 #[allow(unused_imports)]
