@@ -76,10 +76,19 @@ now() { date +%s.%N; }
 secs() { python3 -c "print(f'{$2 - $1:.3f}')"; }
 median() { python3 -c "import statistics,sys; print(f'{statistics.median(map(float, sys.argv[1:])):.3f}')" "$@"; }
 
+source_keys='allowed_buckets = ["bench"]'
+if [ "$signed" = 1 ]; then
+    minisign -G -W -p "$work/bench.pub" -s "$work/bench.key" >/dev/null
+    source_keys="$source_keys
+public_key = \"$(tail -1 "$work/bench.pub")\""
+fi
 cat >"$work/deployd.toml" <<TOML
+app = "app"
 state_dir = "$work/state"
 runtime_dir = "$work/run"
 environment_file = "$work/environment"
+[source]
+$source_keys
 [s3]
 endpoint_url = "$endpoint"
 [containers]
@@ -87,10 +96,6 @@ enabled = false
 [releases]
 keep = 2
 TOML
-if [ "$signed" = 1 ]; then
-    minisign -G -W -p "$work/bench.pub" -s "$work/bench.key" >/dev/null
-    printf '[source]\npublic_key = "%s"\n' "$(tail -1 "$work/bench.pub")" >>"$work/deployd.toml"
-fi
 export DEPLOYD_CONFIG="$work/deployd.toml"
 
 run_size() {
@@ -101,7 +106,11 @@ run_size() {
     aws --endpoint-url "$endpoint" s3 cp "$file" "s3://bench/$key" --quiet \
         --metadata "sha256=$(sha256sum "$file" | cut -d' ' -f1)"
     if [ "$signed" = 1 ]; then
-        minisign -S -s "$work/bench.key" -m "$file" -x "$file.minisig" >/dev/null
+        # The trusted comment deployd publish writes: the release identity the agent checks.
+        local comment
+        comment=$(printf 'timestamp:%s\tfile:app-deployment.tar.gz\tdeployd:1\tapp:app\tenv:bench\tseq:%s\tcommit:0123456789abcdef\tkey:%s' \
+            "$(date +%s)" "$(date +%s%3N)" "$key")
+        minisign -S -s "$work/bench.key" -m "$file" -x "$file.minisig" -t "$comment" >/dev/null
         aws --endpoint-url "$endpoint" s3 cp "$file.minisig" "s3://bench/$key.minisig" --quiet
     fi
     echo "artifact: $bytes bytes ($(tar -tzf "$file" | wc -l) entries)"

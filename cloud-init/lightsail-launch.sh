@@ -22,6 +22,8 @@ AWS_ACCESS_KEY_ID=AKIAEXAMPLEEXAMPLE00
 AWS_SECRET_ACCESS_KEY=replace-with-the-deployd-users-secret-access-key
 DEPLOYMENT_BUCKET=macro-ai-deployment-artifacts-123456789012
 DEPLOYMENT_KEY=express-api/pr-51/1a2b3c4d-20261123-031500/express-api-deployment.tar.gz
+# The minisign public key CI signs releases with (second line of minisign.pub).
+PUBLIC_KEY=RWQ-REPLACE-WITH-THE-SECOND-LINE-OF-YOUR-minisign.pub
 # Where the deployd packages are, for images without deployd.
 PACKAGE_BUCKET=$DEPLOYMENT_BUCKET
 PACKAGE_PREFIX=deployd/packages/0.1.0
@@ -72,16 +74,22 @@ if ! command -v deployd >/dev/null 2>&1; then
     rm -rf "$work"
 fi
 
-# No EC2 tags on Lightsail. The packaged deployd.toml has every key
-# commented out, so appending a [report] table is safe; refuse to guess if
-# someone already uncommented one.
+# No EC2 tags on Lightsail; signed releases only. The packaged deployd.toml
+# has every key commented out, so appending [source] and [report] tables is
+# safe; refuse to guess if someone already uncommented one.
 config=/etc/deployd/deployd.toml
-if grep -q '^[[:space:]]*\[report\]' "$config" 2>/dev/null; then
-    echo "lightsail-launch: $config already has a [report] table; set ec2_tags = false in it by hand" >&2
-    exit 78
-fi
+for table in source report; do
+    if grep -q "^[[:space:]]*\[$table\]" "$config" 2>/dev/null; then
+        echo "lightsail-launch: $config already has a [$table] table; edit it by hand" >&2
+        exit 78
+    fi
+done
 umask 022
-cat >> "$config" <<'CONFIG'
+cat >> "$config" <<CONFIG
+
+# Only releases CI signed with this key are deployed.
+[source]
+public_key = "${PUBLIC_KEY}"
 
 # Lightsail: not an EC2 instance of this account, so no instance tags.
 [report]

@@ -21,9 +21,11 @@
 //! - `ci`: `publish`, `upload` and `gc`, the commands CI runs;
 //! - [`contract`]: what CI writes and the agent reads (keys, metadata, pointer, signature) and
 //!   what the agent leaves on the host (paths, manifest, `state.json`, `status.json`);
-//! - `instance`: IMDSv2 identity and EC2 tags; `report`: status, metrics, outward reports;
+//! - `instance`: IMDSv2 identity and EC2 tags; `report`: status, the terminal view, logging,
+//!   metrics, outward reports;
 //! - [`config`]: the config file and the environment file; [`s3`]: the client, [`s3::S3Object`]
 //!   and the one classification of S3 errors; [`error`]: exit codes; `files`: durable writes;
+//!   [`units`]: durations and sizes written the human way;
 //! - [`cli`]: parsing and printing only.
 //!
 //! Failure in any stage before `activate` leaves the host untouched; a release whose
@@ -40,6 +42,6 @@ pub mod deploy;
 pub mod error;
 pub(crate) mod files;
 pub(crate) mod instance;
-pub(crate) mod logging;
 pub(crate) mod report;
 pub mod s3;
+pub mod units;

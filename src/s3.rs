@@ -15,6 +15,14 @@
 //! attempts); deployd never wraps an SDK call in a second retry loop, except for the
 //! deliberate "wait until CI has uploaded" loop in `verify`. Response checksum validation is
 //! left to deployd's own streaming SHA-256 (see `fetch`).
+//!
+//! Bucket owner: every request carries `x-amz-expected-bucket-owner` (S3's
+//! `ExpectedBucketOwner`) once the account that owns the bucket is known, so a bucket of the
+//! same name in someone else's account (a deleted bucket re-created, a predictable legacy
+//! name claimed first) is answered 403 instead of being trusted. The account is `[s3]
+//! expected_bucket_owner`, else this instance's own account as IMDSv2 reports it (learned by
+//! the first deployment, [`learn_account_id`]). One interceptor adds the header to every
+//! request the client sends, whatever the operation and wherever it is built.
 
 use std::time::Duration;
 
@@ -27,8 +35,113 @@ use aws_sdk_s3::config::http::HttpResponse;
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use serde::{Deserialize, Serialize};
 
-pub use crate::config::S3Config;
 use crate::error::{ExitCode, error_chain, exit};
+use crate::units::HumanDuration;
+
+/// `[s3]`: the S3 client.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct S3Config {
+    /// Default: `AWS_REGION`, then the profile, then IMDS.
+    pub region: Option<String>,
+    /// Default: the SDK's own resolution (`AWS_ENDPOINT_URL_S3`, `AWS_ENDPOINT_URL`).
+    pub endpoint_url: Option<String>,
+    /// Forced on for IP-address and `localhost` endpoints.
+    pub force_path_style: bool,
+    /// Attempts per request, the first included (5xx, `SlowDown`, connection resets are
+    /// retried with backoff).
+    pub attempts: u32,
+    /// How long connecting may take.
+    pub connect_timeout: HumanDuration,
+    /// How long S3 may stay silent: waiting for an answer, and between two pieces of a
+    /// download's body (a stalled body is resumed where it stopped).
+    pub read_timeout: HumanDuration,
+    /// The fetch stage as a whole: the download, its retries and resumes.
+    pub download_deadline: HumanDuration,
+    /// The AWS account that must own every bucket deployd talks to (`ExpectedBucketOwner`).
+    /// Default: this instance's account, from IMDSv2, once a deployment has asked for it.
+    pub expected_bucket_owner: Option<String>,
+}
+
+impl Default for S3Config {
+    fn default() -> Self {
+        S3Config {
+            region: None,
+            endpoint_url: None,
+            force_path_style: false,
+            attempts: 5,
+            connect_timeout: HumanDuration(Duration::from_secs(5)),
+            read_timeout: HumanDuration(Duration::from_secs(30)),
+            download_deadline: HumanDuration(Duration::from_secs(3600)),
+            expected_bucket_owner: None,
+        }
+    }
+}
+
+/// True for a 12-digit AWS account id.
+pub fn is_account_id(s: &str) -> bool {
+    s.len() == 12 && s.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// True for a name S3 accepts as a bucket name (3–63 lower-case letters, digits, `.`, `-`,
+/// starting and ending with a letter or digit).
+pub fn is_bucket_name(s: &str) -> bool {
+    let b = s.as_bytes();
+    (3..=63).contains(&b.len())
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'.' | b'-'))
+        && b[0].is_ascii_alphanumeric()
+        && b[b.len() - 1].is_ascii_alphanumeric()
+}
+
+/// This instance's account as IMDS reported it, for buckets whose owner the config leaves open.
+static INSTANCE_ACCOUNT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Records this instance's AWS account (from IMDSv2): from now on every request of every
+/// client without `[s3] expected_bucket_owner` expects its buckets to be owned by it.
+pub fn learn_account_id(account_id: &str) {
+    if is_account_id(account_id) && INSTANCE_ACCOUNT.set(account_id.to_string()).is_ok() {
+        tracing::info!(
+            account_id,
+            "S3 requests now expect buckets owned by this instance's account"
+        );
+    }
+}
+
+/// Adds `x-amz-expected-bucket-owner` to every request once the owner is known.
+#[derive(Debug)]
+struct ExpectBucketOwner {
+    configured: Option<String>,
+}
+
+impl ExpectBucketOwner {
+    fn owner(&self) -> Option<&str> {
+        self.configured
+            .as_deref()
+            .or_else(|| INSTANCE_ACCOUNT.get().map(String::as_str))
+    }
+}
+
+impl aws_sdk_s3::config::Intercept for ExpectBucketOwner {
+    fn name(&self) -> &'static str {
+        "ExpectBucketOwner"
+    }
+
+    fn modify_before_signing(
+        &self,
+        context: &mut aws_sdk_s3::config::interceptors::BeforeTransmitInterceptorContextMut<'_>,
+        _runtime_components: &aws_sdk_s3::config::RuntimeComponents,
+        _cfg: &mut aws_sdk_s3::config::ConfigBag,
+    ) -> Result<(), aws_sdk_s3::error::BoxError> {
+        if let Some(owner) = self.owner() {
+            context
+                .request_mut()
+                .headers_mut()
+                .try_insert("x-amz-expected-bucket-owner", owner.to_string())?;
+        }
+        Ok(())
+    }
+}
 
 /// An object in S3; once verified, pinned to one version of its bytes.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -255,6 +368,9 @@ pub async fn client(cfg: &S3Config) -> Result<aws_sdk_s3::Client, S3SetupError> 
     if let Some(url) = &cfg.endpoint_url {
         builder = builder.endpoint_url(url);
     }
+    builder = builder.interceptor(ExpectBucketOwner {
+        configured: cfg.expected_bucket_owner.clone(),
+    });
     Ok(aws_sdk_s3::Client::from_conf(builder.build()))
 }
 
@@ -318,6 +434,16 @@ mod tests {
         let o = S3Object::new("b", "k").pinned(Some("\"e\""), Some("v1"));
         assert_eq!(o.etag(), "\"e\"");
         assert_eq!(o.version_id.as_deref(), Some("v1"));
+    }
+
+    #[test]
+    fn account_ids_and_bucket_names() {
+        assert!(is_account_id("123456789012"));
+        assert!(!is_account_id("12345678901a") && !is_account_id("1234"));
+        assert!(is_bucket_name("deploy-artifacts.eu-1"));
+        for bad in ["ab", "Upper", "-dash", "dot.", "a/b", ""] {
+            assert!(!is_bucket_name(bad), "{bad}");
+        }
     }
 
     #[test]

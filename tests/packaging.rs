@@ -244,6 +244,8 @@ const DEFAULTS: &[(&str, &str)] = &[
     ("source.wait_for_artifact", "\"5m\""),
     ("source.max_artifact_size", "\"4GiB\""),
     ("source.required_metadata", "[]"),
+    ("source.allowed_buckets", "[]"),
+    ("source.max_pointer_age", "\"0s\""),
     ("s3.force_path_style", "false"),
     ("s3.attempts", "5"),
     ("s3.connect_timeout", "\"5s\""),
@@ -282,6 +284,7 @@ const EXAMPLES: &[&str] = &[
     "source.pointer_key",
     "s3.region",
     "s3.endpoint_url",
+    "s3.expected_bucket_owner",
     "report.metrics_file",
     "report.ec2_endpoint_url",
 ];
@@ -320,6 +323,32 @@ fn default_config_lists_every_key_with_its_default_and_sets_nothing() {
 }
 
 // ------------------------------------------------------ cloud-init, scripts
+
+#[test]
+fn instance_examples_require_signed_releases() {
+    // The stock-image, Lightsail and AMI examples set [source] public_key; the EC2 user data
+    // for the AMI relies on the key the image carries, and says so.
+    for path in [
+        "cloud-init/bootstrap-from-s3.yaml",
+        "cloud-init/lightsail-launch.sh",
+        "packaging/ami/deployd.pkr.hcl",
+    ] {
+        let text = fs::read_to_string(repo().join(path)).expect("read example");
+        assert!(
+            text.contains("public_key = \\\"") || text.contains("public_key = \""),
+            "{path} must configure [source] public_key"
+        );
+        assert!(
+            text.contains("[source]"),
+            "{path}: public_key belongs in [source]"
+        );
+    }
+    let ec2 = fs::read_to_string(repo().join("cloud-init/ec2-user-data.yaml")).expect("read");
+    assert!(
+        ec2.contains("variable public_key"),
+        "ec2-user-data.yaml must name the image's key"
+    );
+}
 
 /// Files in `dir` whose first line is `first`.
 fn files_starting_with(dir: &Path, first: &str) -> Vec<PathBuf> {

@@ -237,6 +237,17 @@ fn missing_artifact_exits_66_and_lists_the_newest_keys() {
     assert!(host.current().is_none());
     assert_eq!(host.state()["last_attempt"]["exit_code"], 66);
     host.deploy("x", &[]);
+    // A bucket the host may deploy from but which does not exist; one it may not name is
+    // refused before S3 is asked.
+    let run = host.run(&["deploy", "--bucket", "no-such-bucket-deployd", "--key", "k"]);
+    run.fails_with(65, "outside the buckets this host deploys from");
+    host.write_config(
+        &format!(
+            "allowed_buckets = [\"{}\", \"no-such-bucket-deployd\"]\n",
+            host.bucket
+        ),
+        "",
+    );
     let run = host.run(&["deploy", "--bucket", "no-such-bucket-deployd", "--key", "k"]);
     run.fails_with(66, "bucket no-such-bucket-deployd does not exist");
 }

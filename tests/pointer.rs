@@ -36,8 +36,8 @@ fn deploys_what_the_pointer_names_and_idle_polls_get_304() {
     let host = pointer_host();
     let v1 = host.publish_app("v1", COMMIT1, &["--pointer"]);
 
-    let doc: Pointer =
-        serde_json::from_slice(&host.s3.get(&host.bucket, "web/prod/current.json")).unwrap();
+    let doc = Pointer::parse(&host.s3.get(&host.bucket, "web/prod/current.json")).unwrap();
+    assert_eq!(doc.signed, None, "unsigned publish, unsigned pointer");
     assert_eq!(doc.key, v1.key);
     assert_eq!(doc.sha256, v1.sha256);
     assert_eq!(doc.commit, COMMIT1);
@@ -140,12 +140,12 @@ fn serving_v1() -> (Host, String) {
 }
 
 fn set_pointer(host: &Host, key: &str, sha: &str) {
-    let doc = Pointer {
-        key: key.into(),
-        sha256: sha.into(),
-        commit: COMMIT2.into(),
-        published_at: "2026-11-05T10:15:00Z".into(),
-    };
+    let doc = Pointer::unsigned(
+        key.into(),
+        sha.into(),
+        COMMIT2.into(),
+        "2026-11-05T10:15:00Z".into(),
+    );
     host.s3.put(
         &host.bucket,
         "web/prod/current.json",

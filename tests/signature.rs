@@ -142,7 +142,7 @@ fn signature_from_another_key_or_garbage_is_refused() {
     let other = keys(&host, "other.key");
     let key = publish(&host, "v2", Some(&other));
     host.deploy(&key, &["--no-containers"])
-        .fails_with(65, "another key");
+        .fails_with(65, "does not trust");
     nothing_activated(&host, &release);
 
     host.s3.put(

@@ -4,7 +4,8 @@
 #
 #   cargo build --release --locked && cargo deb --no-build
 #   packer init packaging/ami
-#   packer build -var deb=target/debian/deployd_0.1.0-1_amd64.deb packaging/ami
+#   packer build -var deb=target/debian/deployd_0.1.0-1_amd64.deb \
+#     -var public_key="$(tail -1 deployd.pub)" packaging/ami
 
 packer {
   required_plugins {
@@ -18,6 +19,11 @@ packer {
 variable "deb" {
   type        = string
   description = "Path of the deployd .deb to install (cargo deb output)."
+}
+
+variable "public_key" {
+  type        = string
+  description = "The minisign public key CI signs releases with (the RWQ... line of minisign.pub); instances refuse anything else."
 }
 
 variable "region" {
@@ -94,6 +100,11 @@ build {
       "test \"$(systemctl is-enabled deployd.service)\" = enabled",
       "if systemctl is-active --quiet deployd.service; then echo 'deployd.service is running on the build instance' >&2; exit 1; fi",
       "test -x /usr/bin/deployd",
+      # Signed releases only: appended to the packaged config, whose keys are
+      # all commented out.
+      "printf '\\n[source]\\npublic_key = \"%s\"\\n' '${var.public_key}' >> /etc/deployd/deployd.toml",
+      # A key that is not one stops the build here, not every instance later.
+      "DEPLOYMENT_BUCKET=image-check DEPLOYMENT_KEY=image-check deployd check-config",
     ]
   }
 

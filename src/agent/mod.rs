@@ -313,6 +313,7 @@ async fn deploy(deployer: &Deployer, trigger: Trigger) -> String {
         force: false,
         force_rebuild: trigger.force_rebuild,
         clear_cache: trigger.clear_cache,
+        allow_downgrade: trigger.allow_downgrade,
         trigger: trigger.to_string(),
     };
     let span = tracing::info_span!("deployment", trigger = %trigger);

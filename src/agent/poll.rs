@@ -16,9 +16,15 @@
 //! already serves that artifact, and it closes the window in which the source changed between
 //! the startup deployment and the first poll. Errors are logged and the next tick tries again;
 //! a poll never stops the daemon.
+//!
+//! A signed pointer that stops changing is the one thing a 304 cannot reveal: a frozen pointer
+//! answers exactly like an idle one. So the poller remembers when the last signed pointer it
+//! read expires (`expires_at`, `[source] max_pointer_age`) and, once that moment has passed,
+//! queues one deployment, which refuses the expired pointer and reports the failure (status,
+//! tags, metrics) while the serving release keeps running.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use aws_sdk_s3::Client;
 use tokio::task::JoinHandle;
@@ -68,6 +74,8 @@ async fn poll_loop(
 ) {
     // (s3://bucket/key watched, its last ETag)
     let mut last: Option<(String, String)> = None;
+    // When the last signed pointer read stops holding; taken once it has been acted on.
+    let mut expires: Option<SystemTime> = None;
     loop {
         tokio::time::sleep(next_delay(every)).await;
         let env = match EnvFile::load(&cfg.environment_file) {
@@ -94,9 +102,20 @@ async fn poll_loop(
         let object = &artifact.object;
         let changed = if artifact.origin.is_pointer() {
             match pointer::read(&s3, object, etag).await {
-                Ok(PointerRead::Unchanged) => None,
+                Ok(PointerRead::Unchanged) => match expires {
+                    Some(t) if t <= SystemTime::now() => {
+                        expires = None;
+                        tracing::warn!(pointer = %at, "poll: the release pointer has expired and nobody re-signed it");
+                        queue.push(Trigger::new(TriggerOrigin::Poll));
+                        None
+                    }
+                    _ => None,
+                },
                 Ok(PointerRead::Changed { etag, pointer }) => {
                     tracing::info!(pointer = %at, key = %pointer.key, "poll: the release pointer changed");
+                    // An already expired one is reported by the deployment queued now.
+                    expires =
+                        signed_expiry(&cfg, object, &pointer).filter(|t| *t > SystemTime::now());
                     Some(etag)
                 }
                 Err(error) => {
@@ -128,4 +147,11 @@ async fn poll_loop(
             queue.push(Trigger::new(TriggerOrigin::Poll));
         }
     }
+}
+
+/// When a pointer just read stops holding, if signatures are required and it verifies.
+fn signed_expiry(cfg: &Config, object: &s3::S3Object, p: &pointer::Pointer) -> Option<SystemTime> {
+    let keys = cfg.source.trusted_keys().ok().flatten()?;
+    let statement = pointer::verify(object, p, &keys).ok()?;
+    statement.expiry(cfg.source.max_pointer_age.0)
 }

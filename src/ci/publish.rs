@@ -23,6 +23,14 @@
 //!    `commit-sha` metadata, and (single PUT) the same full-object SHA-256 checksum.
 //! 6. **Pointer last.** With `--pointer`, `{app}/{environment}/current.json` is rewritten only
 //!    after all of the above succeeded, so it never names an artifact that is not complete.
+//!    With `--sign` it is a signed pointer (format 2, see [`crate::contract::pointer`]),
+//!    optionally expiring (`--expires-in`).
+//!
+//! With `--sign`, the signature's trusted comment carries the release identity
+//! ([`crate::contract::identity`]): app, environment, key, commit and the release sequence.
+//! The sequence is the publish time in Unix milliseconds, raised above the sequence of the
+//! environment's current signed pointer if CI's clock is behind it, so it only grows. To roll
+//! back, publish the old build again: it becomes a new release with a higher sequence.
 //!
 //! Metadata: `commit-sha`, `branch`, `build-time` (RFC 3339), `workflow-run-id`, `pr-number`,
 //! `sha256`. Commit, branch and run id default from GitHub Actions' `GITHUB_SHA`,
@@ -44,9 +52,10 @@ use std::time::{Instant, SystemTime};
 use aws_sdk_s3::Client;
 use sha2::{Digest, Sha256};
 
-use super::upload::{self, Parts, Sent, UploadError};
+use super::upload::{self, Parts, Sent, UploadError, Write};
+use crate::contract::identity::ReleaseIdentity;
 use crate::contract::keys::{self, artifact_key, is_segment};
-use crate::contract::pointer::{self, Pointer};
+use crate::contract::pointer::{self, Pointer, PointerRead, SIGNED_FORMAT, Statement};
 use crate::contract::signature::{self, SignError, SigningKey};
 use crate::error::exit_codes;
 use crate::s3::{self as s3mod, S3Failure, S3Object};
@@ -86,6 +95,10 @@ pub struct PublishRequest {
     /// Then point {app}/{environment}/current.json at the new artifact.
     #[arg(long)]
     pub pointer: bool,
+    /// With --sign --pointer: the signed pointer stops holding after this long (hosts then
+    /// report it expired until it is published or refreshed again).
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, requires_all = ["sign", "pointer"])]
+    pub expires_in: Option<std::time::Duration>,
     /// Files larger than this go up as parallel multipart uploads.
     #[arg(long, default_value = "64MiB", value_parser = crate::config::parse_size)]
     pub multipart_threshold: u64,
@@ -356,17 +369,24 @@ pub async fn publish(s3: &Client, req: &PublishRequest) -> Result<Published, Pub
     }
 
     let clock = Instant::now();
-    let trusted = format!(
-        "timestamp:{}\tfile:{}-deployment.tar.gz\tcommit:{}\tkey:{key}",
-        req.now
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs()),
-        req.app,
-        req.commit().to_ascii_lowercase(),
-    );
+    let pointer_at = object.sibling(pointer::pointer_key(&req.app, &req.environment));
+    let sequence = match &signer {
+        Some(key) => next_sequence(s3, &pointer_at, key, req.now).await,
+        None => 0,
+    };
+    let identity = ReleaseIdentity {
+        app: req.app.clone(),
+        environment: req.environment.clone(),
+        key: key.clone(),
+        commit: req.commit().to_ascii_lowercase(),
+        sequence,
+        timestamp: unix_millis(req.now) / 1000,
+    };
+    let trusted = identity.to_trusted_comment();
     let path = req.file.clone();
-    let (sha256, digest, minisig) = tokio::task::spawn_blocking(move || {
+    let (sha256, digest, minisig, signer) = tokio::task::spawn_blocking(move || {
         digest_and_sign(&path, size, signer.as_ref().map(|k| (k, trusted.as_str())))
+            .map(|(sha, digest, sig)| (sha, digest, sig, signer))
     })
     .await
     .map_err(|e| PublishError::File {
@@ -378,7 +398,7 @@ pub async fn publish(s3: &Client, req: &PublishRequest) -> Result<Published, Pub
     let signature_key = match minisig {
         Some(text) => {
             let sig = object.sibling(signature::signature_key(&key));
-            upload::put_small(s3, &sig, text.into_bytes(), "text/plain", true).await?;
+            upload::put_small(s3, &sig, text.into_bytes(), "text/plain", Write::Create).await?;
             tracing::info!(signature = %sig, "uploaded the signature");
             Some(sig.key)
         }
@@ -417,23 +437,38 @@ pub async fn publish(s3: &Client, req: &PublishRequest) -> Result<Published, Pub
     upload::check_landed(s3, &object, sent).await?;
 
     let pointer_key = if req.pointer {
-        let at = object.sibling(pointer::pointer_key(&req.app, &req.environment));
-        let doc = Pointer {
-            key: key.clone(),
-            sha256: sha256.clone(),
-            commit: req.commit().to_ascii_lowercase(),
-            published_at: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+        let published_at = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
+        let doc = match &signer {
+            Some(signer) => Statement {
+                format: SIGNED_FORMAT,
+                app: req.app.clone(),
+                environment: req.environment.clone(),
+                pointer: pointer_at.key.clone(),
+                key: key.clone(),
+                sha256: sha256.clone(),
+                commit: identity.commit.clone(),
+                sequence,
+                published_at,
+                expires_at: expires_at(req.expires_in),
+            }
+            .sign(signer)?,
+            None => Pointer::unsigned(
+                key.clone(),
+                sha256.clone(),
+                identity.commit.clone(),
+                published_at,
+            ),
         };
         upload::put_small(
             s3,
-            &at,
+            &pointer_at,
             doc.to_json().into_bytes(),
             "application/json",
-            false,
+            Write::Replace,
         )
         .await?;
-        tracing::info!(pointer = %at, key = %key, "release pointer updated");
-        Some(at.key)
+        tracing::info!(pointer = %pointer_at, key = %key, sequence, signed = doc.signed.is_some(), "release pointer updated");
+        Some(pointer_at.key)
     } else {
         None
     };
@@ -446,6 +481,47 @@ pub async fn publish(s3: &Client, req: &PublishRequest) -> Result<Published, Pub
         signature_key,
         pointer_key,
     })
+}
+
+/// Milliseconds since the Unix epoch.
+fn unix_millis(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// RFC 3339, `after` from now.
+pub(crate) fn expires_at(after: Option<std::time::Duration>) -> Option<String> {
+    after.map(|d| humantime::format_rfc3339_seconds(SystemTime::now() + d).to_string())
+}
+
+/// The release sequence of a new signed release: the publish time in milliseconds, or one
+/// above the sequence of the environment's current pointer if that is higher (CI's clock
+/// behind an earlier runner's). Only a pointer this key signed counts; anything else in the
+/// bucket is ignored, so a forged pointer cannot push the sequence.
+async fn next_sequence(s3: &Client, at: &S3Object, key: &SigningKey, now: SystemTime) -> u64 {
+    let now = unix_millis(now);
+    let current = match pointer::read(s3, at, None).await {
+        Ok(PointerRead::Changed { pointer, .. }) => {
+            match key
+                .trusted()
+                .and_then(|keys| pointer::verify(at, &pointer, &keys).map_err(|e| e.to_string()))
+            {
+                Ok(statement) => Some(statement.sequence),
+                Err(reason) => {
+                    tracing::debug!(pointer = %at, %reason, "the current pointer does not set the sequence");
+                    None
+                }
+            }
+        }
+        Ok(PointerRead::Unchanged) | Err(_) => None,
+    };
+    match current {
+        Some(seq) if seq >= now => {
+            tracing::warn!(pointer = %at, pointer_sequence = seq, clock_ms = now, "this clock is behind the current release's sequence; continuing above it");
+            seq + 1
+        }
+        _ => now,
+    }
 }
 
 /// Appends `key=`, `sha256=` and `url=` lines to GitHub Actions' `GITHUB_OUTPUT` file.

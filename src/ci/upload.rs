@@ -46,6 +46,9 @@ pub enum UploadError {
         "{0} already exists and deployd never overwrites a published artifact; publish again (the key's timestamp will differ)"
     )]
     Exists(S3Object),
+    /// An `If-Match` write found another version than the one it was based on.
+    #[error("{0} changed while it was being rewritten; nothing was overwritten, run again")]
+    Changed(S3Object),
     /// The bucket does not exist.
     #[error("bucket {} does not exist (publishing {}); create it or fix --bucket", .0.bucket, .0.key)]
     NoSuchBucket(S3Object),
@@ -81,7 +84,7 @@ pub enum UploadError {
 }
 
 exit_codes!(UploadError {
-    Exists(_) => TEMPFAIL,
+    Exists(_) | Changed(_) => TEMPFAIL,
     NoSuchBucket(_) | File { .. } => NOINPUT,
     AccessDenied(_) => CONFIG,
     Failed { .. } => UNAVAILABLE,
@@ -132,13 +135,24 @@ where
     }
 }
 
-/// Writes a small object with a full SHA-256 checksum; `create_only` refuses an existing key.
+/// How a small write treats what is already at the key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Write {
+    /// Refuse an existing key (`If-None-Match: *`).
+    Create,
+    /// Replace whatever is there.
+    Replace,
+    /// Replace only the version with this ETag (`If-Match`); anything else is [`UploadError::Changed`].
+    IfMatch(String),
+}
+
+/// Writes a small object with a full SHA-256 checksum, as `write` says.
 pub async fn put_small(
     s3: &Client,
     object: &S3Object,
     body: Vec<u8>,
     content_type: &str,
-    create: bool,
+    write: Write,
 ) -> Result<(), UploadError> {
     let checksum = aws_smithy_types::base64::encode(Sha256::digest(&body));
     let send = |conditional: bool| {
@@ -154,15 +168,24 @@ pub async fn put_small(
         if conditional {
             req = req.if_none_match("*");
         }
+        if let Write::IfMatch(etag) = &write {
+            req = req.if_match(etag);
+        }
         async move { Ok(req.send().await) }
     };
-    if create {
-        create_only(object, send).await.map(|_| ())
-    } else {
-        send(false)
-            .await?
-            .map(|_| ())
-            .map_err(|e| classify(&e, object))
+    match &write {
+        Write::Create => create_only(object, send).await.map(|_| ()),
+        Write::Replace | Write::IfMatch(_) => {
+            send(false)
+                .await?
+                .map(|_| ())
+                .map_err(|e| match (s3::classify(&e), &write) {
+                    (S3Failure::PreconditionFailed, Write::IfMatch(_)) => {
+                        UploadError::Changed(object.clone())
+                    }
+                    _ => classify(&e, object),
+                })
+        }
     }
 }
 

@@ -9,8 +9,8 @@ use bytesize::ByteSize;
 use super::{Cli, Command, Failure};
 use crate::agent::triggers::{self, Trigger, TriggerOrigin};
 use crate::agent::{self, Agent};
-use crate::ci::gc;
 use crate::ci::publish::{self, CiDefaults};
+use crate::ci::{gc, refresh};
 use crate::config::Config;
 use crate::config::envfile::EnvFile;
 use crate::contract::signature;
@@ -22,8 +22,8 @@ use crate::deploy::verify;
 use crate::deploy::{Deployer, Done, Request};
 use crate::error::exit;
 use crate::instance::Instance;
-use crate::logging::Output;
 use crate::report::Reporter;
+use crate::report::logging::Output;
 use crate::report::status::Snapshot;
 use crate::report::terminal::View;
 use crate::s3::S3Object;
@@ -55,13 +55,12 @@ pub(super) async fn dispatch(cli: Cli, output: Output) -> Result<i32, Failure> {
             force_rebuild,
             clear_cache,
             reason,
+            allow_downgrade,
         } => {
+            let env = EnvFile::load(&cfg.environment_file)?;
             let bucket = match (bucket, &key) {
                 (Some(b), _) => Some(b),
-                (None, Some(_)) => {
-                    let env = EnvFile::load(&cfg.environment_file)?;
-                    Some(source::default_bucket(&cfg, &env)?)
-                }
+                (None, Some(_)) => Some(source::default_bucket(&cfg, &env)?),
                 (None, None) => None,
             };
             let trigger = Trigger {
@@ -70,8 +69,19 @@ pub(super) async fn dispatch(cli: Cli, output: Output) -> Result<i32, Failure> {
                 force_rebuild,
                 clear_cache,
                 reason,
+                allow_downgrade,
                 origin: TriggerOrigin::File(PathBuf::new()),
             };
+            if allow_downgrade && !nix::unistd::geteuid().is_root() {
+                return Err(Failure {
+                    code: exit::USAGE,
+                    message: "--allow-downgrade needs root: the daemon honours it only in trigger files root owns".into(),
+                });
+            }
+            if let Some(object) = trigger.target() {
+                // The daemon refuses it too; saying so now spares a failed deployment.
+                source::check_request(&cfg, &env, &object, &Instance::new(&cfg.report)).await?;
+            }
             let path = triggers::write_trigger(&cfg.paths().triggers, &trigger)?;
             println!("queued a redeploy: {}", path.display());
             Ok(exit::OK)
@@ -82,6 +92,7 @@ pub(super) async fn dispatch(cli: Cli, output: Output) -> Result<i32, Failure> {
             force,
             force_rebuild,
             no_containers,
+            allow_downgrade,
         } => {
             let mut cfg = cfg;
             if no_containers {
@@ -93,6 +104,7 @@ pub(super) async fn dispatch(cli: Cli, output: Output) -> Result<i32, Failure> {
                 force,
                 force_rebuild,
                 clear_cache: false,
+                allow_downgrade,
                 trigger: "command line".into(),
             };
             match d.deploy(&req).await? {
@@ -209,6 +221,13 @@ pub(super) async fn dispatch(cli: Cli, output: Output) -> Result<i32, Failure> {
             })
         }
         Command::Releases { json } => releases(&cfg, json),
+        Command::RefreshPointer(mut req) => {
+            req.sign_password = std::env::var(signature::PASSWORD_ENV).ok();
+            let s3 = crate::s3::client(&cfg.s3).await?;
+            let (at, published_at) = refresh::refresh(&s3, &req).await?;
+            println!("re-signed {at} at {published_at}");
+            Ok(exit::OK)
+        }
         Command::CheckConfig => check_config(&cfg).await,
     }
 }
@@ -292,6 +311,21 @@ async fn check_config(cfg: &Config) -> Result<i32, Failure> {
         println!(
             "warning        the legacy path is mutable; prefer versioned keys in DEPLOYMENT_KEY"
         );
+    }
+    match cfg.source.trusted_keys() {
+        Ok(Some(keys)) => println!(
+            "signatures     required: {} trusted public key{}; unsigned artifacts and pointers are refused",
+            keys.len(),
+            if keys.len() == 1 { "" } else { "s" }
+        ),
+        _ => {
+            println!(
+                "WARNING        NO [source] public_key IS CONFIGURED: this host deploys whatever anyone who can write the bucket puts there, including old releases; set public_key (see the README's security section)"
+            );
+            tracing::warn!(
+                "no [source] public_key is configured: artifacts and pointers are not authenticated"
+            );
+        }
     }
     println!("state dir      {}", cfg.state_dir.display());
     let mut lines = instance.check().await;

@@ -14,7 +14,7 @@ use clap::{Parser, Subcommand};
 
 use crate::config::HumanDuration;
 use crate::error::{ExitCode, exit};
-use crate::logging::{self, LogFormat, Output};
+use crate::report::logging::{self, LogFormat, Output};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -58,6 +58,9 @@ pub(crate) enum Command {
         /// Why, for the log and the status.
         #[arg(long)]
         reason: Option<String>,
+        /// Accept a signed release older than the newest accepted (honoured from root only).
+        #[arg(long)]
+        allow_downgrade: bool,
     },
     /// Deploy now, in the foreground, and exit with the result.
     Deploy {
@@ -76,6 +79,10 @@ pub(crate) enum Command {
         /// Skip the container stage.
         #[arg(long)]
         no_containers: bool,
+        /// Accept a signed release older than the newest one accepted here (a deliberate
+        /// rollback; the usual way is to publish the old build again).
+        #[arg(long)]
+        allow_downgrade: bool,
     },
     /// Run the head-object checks on s3://bucket/key and print what they found.
     Verify {
@@ -120,6 +127,8 @@ pub(crate) enum Command {
     /// Packaging: write the man pages and shell completions.
     #[command(hide = true, subcommand)]
     Generate(generate::Generate),
+    /// CI: re-sign {app}/{environment}/current.json unchanged, so hosts limiting its age keep it.
+    RefreshPointer(crate::ci::refresh::RefreshRequest),
 }
 
 fn parse_duration(s: &str) -> Result<HumanDuration, String> {

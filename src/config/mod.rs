@@ -8,18 +8,18 @@
 
 pub mod envfile;
 mod sections;
-mod values;
 
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
 use crate::error::{ExitCode, exit};
+pub use crate::s3::S3Config;
+pub use crate::units::{HumanDuration, Size, parse_size};
 pub use sections::{
-    ContainersConfig, DaemonConfig, ReleasesConfig, ReportConfig, S3Config, SourceConfig,
-    TriggersConfig, UnpackConfig,
+    ContainersConfig, DaemonConfig, ReleasesConfig, ReportConfig, SourceConfig, TriggersConfig,
+    UnpackConfig,
 };
-pub use values::{HumanDuration, Size, parse_size};
 
 /// Where the configuration lives unless `--config` or `DEPLOYD_CONFIG` say otherwise.
 pub const DEFAULT_PATH: &str = "/etc/deployd/deployd.toml";
@@ -201,10 +201,33 @@ impl Config {
                 "and `source.key` (or `source.pointer_key`) must be set together (or all left empty)",
             ));
         }
-        if let Some(pk) = &self.source.public_key
-            && let Err(e) = crate::contract::signature::parse_public_key(pk)
-        {
+        if let Err(e) = self.source.trusted_keys() {
             return Err(self.invalid("source.public_key", e));
+        }
+        if !self.source.max_pointer_age.0.is_zero() && self.source.public_key.is_none() {
+            return Err(self.invalid(
+                "source.max_pointer_age",
+                "needs `source.public_key`: an unsigned pointer's age is whatever its writer says",
+            ));
+        }
+        if let Some(b) = self
+            .source
+            .allowed_buckets
+            .iter()
+            .find(|b| !crate::s3::is_bucket_name(b))
+        {
+            return Err(self.invalid(
+                "source.allowed_buckets",
+                format!("entry {b:?} is not an S3 bucket name"),
+            ));
+        }
+        if let Some(owner) = &self.s3.expected_bucket_owner
+            && !crate::s3::is_account_id(owner)
+        {
+            return Err(self.invalid(
+                "s3.expected_bucket_owner",
+                format!("{owner:?} is not an AWS account id (12 digits)"),
+            ));
         }
         if self.source.max_artifact_size.0 == 0 {
             return Err(self.invalid("source.max_artifact_size", "must be greater than zero"));
@@ -501,6 +524,30 @@ mod tests {
     }
 
     #[test]
+    fn one_or_several_public_keys() {
+        let a = minisign::KeyPair::generate_unencrypted_keypair()
+            .unwrap()
+            .pk
+            .to_base64();
+        let b = minisign::KeyPair::generate_unencrypted_keypair()
+            .unwrap()
+            .pk
+            .to_base64();
+        let one = parse(&format!("[source]\npublic_key = \"{a}\"\n")).unwrap();
+        assert_eq!(one.source.trusted_keys().unwrap().unwrap().len(), 1);
+        let two = parse(&format!(
+            "[source]\npublic_key = [\"{a}\", \"{b}\"]\nmax_pointer_age = \"7d\"\n"
+        ))
+        .unwrap();
+        assert_eq!(two.source.trusted_keys().unwrap().unwrap().len(), 2);
+        let msg = parse(&format!("[source]\npublic_key = [\"{a}\", \"RWQx\"]\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("entry 2"), "{msg}");
+        assert!(parse("").unwrap().source.trusted_keys().unwrap().is_none());
+    }
+
+    #[test]
     fn unknown_key_names_the_key_and_line() {
         let err = parse("app = \"x\"\n[source]\nbukket = \"b\"\n").unwrap_err();
         let msg = err.to_string();
@@ -572,6 +619,20 @@ mod tests {
             ),
             ("[containers]\nprofiles = [\"a,b\"]", "containers.profiles"),
             ("[containers]\npids_limit = 0", "containers.pids_limit"),
+            ("[source]\npublic_key = []", "source.public_key"),
+            ("[source]\npublic_key = [\"RWQnope\"]", "source.public_key"),
+            (
+                "[source]\nmax_pointer_age = \"1d\"",
+                "source.max_pointer_age",
+            ),
+            (
+                "[source]\nallowed_buckets = [\"Not_A_Bucket\"]",
+                "source.allowed_buckets",
+            ),
+            (
+                "[s3]\nexpected_bucket_owner = \"1234\"",
+                "s3.expected_bucket_owner",
+            ),
         ] {
             let msg = parse(text).unwrap_err().to_string();
             assert!(msg.contains(key), "{text:?} gave {msg}");

@@ -6,6 +6,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::{HumanDuration, Size};
+use crate::contract::signature::{PublicKeys, TrustedKeys};
 
 /// `[source]`.
 #[derive(Debug, Clone, Deserialize)]
@@ -25,10 +26,26 @@ pub struct SourceConfig {
     pub max_artifact_size: Size,
     /// User metadata every artifact must carry.
     pub required_metadata: Vec<String>,
-    /// Minisign public key; when set, unsigned artifacts are refused.
-    pub public_key: Option<String>,
+    /// Minisign public key (or keys, during a rotation); when set, unsigned artifacts and
+    /// pointers are refused and every release's signed identity is checked.
+    pub public_key: Option<PublicKeys>,
     /// A release pointer to follow, with `bucket`.
     pub pointer_key: Option<String>,
+    /// Buckets a trigger file or `--bucket` may name besides the configured one.
+    pub allowed_buckets: Vec<String>,
+    /// A signed pointer older than this is refused as expired; `0s` turns the check off.
+    pub max_pointer_age: HumanDuration,
+}
+
+impl SourceConfig {
+    /// The trusted public keys, when signatures are required (the config was validated, so
+    /// they parse; a key that does not is reported as the config error it is).
+    pub fn trusted_keys(&self) -> Result<Option<TrustedKeys>, String> {
+        self.public_key
+            .as_ref()
+            .map(PublicKeys::trusted)
+            .transpose()
+    }
 }
 
 impl Default for SourceConfig {
@@ -43,42 +60,8 @@ impl Default for SourceConfig {
             required_metadata: Vec::new(),
             public_key: None,
             pointer_key: None,
-        }
-    }
-}
-
-/// `[s3]`: the S3 client.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct S3Config {
-    /// Default: `AWS_REGION`, then the profile, then IMDS.
-    pub region: Option<String>,
-    /// Default: the SDK's own resolution (`AWS_ENDPOINT_URL_S3`, `AWS_ENDPOINT_URL`).
-    pub endpoint_url: Option<String>,
-    /// Forced on for IP-address and `localhost` endpoints.
-    pub force_path_style: bool,
-    /// Attempts per request, the first included (5xx, `SlowDown`, connection resets are
-    /// retried with backoff).
-    pub attempts: u32,
-    /// How long connecting may take.
-    pub connect_timeout: HumanDuration,
-    /// How long S3 may stay silent: waiting for an answer, and between two pieces of a
-    /// download's body (a stalled body is resumed where it stopped).
-    pub read_timeout: HumanDuration,
-    /// The fetch stage as a whole: the download, its retries and resumes.
-    pub download_deadline: HumanDuration,
-}
-
-impl Default for S3Config {
-    fn default() -> Self {
-        S3Config {
-            region: None,
-            endpoint_url: None,
-            force_path_style: false,
-            attempts: 5,
-            connect_timeout: HumanDuration(Duration::from_secs(5)),
-            read_timeout: HumanDuration(Duration::from_secs(30)),
-            download_deadline: HumanDuration(Duration::from_secs(3600)),
+            allowed_buckets: Vec::new(),
+            max_pointer_age: HumanDuration(Duration::ZERO),
         }
     }
 }

@@ -129,6 +129,12 @@ pub struct Manifest {
     pub fetched_at: String,
     /// Which source named the artifact.
     pub source: String,
+    /// The signed release identity, when signatures are required.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<crate::contract::identity::ReleaseIdentity>,
+    /// True when it was accepted although older than the newest accepted (`--allow-downgrade`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub downgrade: bool,
 }
 
 impl Manifest {

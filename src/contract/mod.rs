@@ -2,8 +2,9 @@
 //! people and programs to read.
 //!
 //! - [`keys`]: the versioned S3 key layout and the user metadata names;
-//! - [`pointer`]: `current.json`, the release pointer;
-//! - [`signature`]: `<key>.minisig`, minisign signatures;
+//! - [`pointer`]: `current.json`, the release pointer, unsigned or signed (its statement);
+//! - [`signature`]: `<key>.minisig`, minisign signatures, trusted keys and the signing key;
+//! - [`identity`]: the release identity a signature's trusted comment binds the bytes to;
 //! - [`host`]: the paths under the state and runtime directories, and a release's manifest;
 //! - [`state`]: `state.json` and `status.json`, and the deployment [`state::Stage`]s.
 //!
@@ -11,6 +12,7 @@
 //! (`agent`) and the CI commands (`ci`) all speak through these types.
 
 pub mod host;
+pub mod identity;
 pub mod keys;
 pub mod pointer;
 pub mod signature;

@@ -13,26 +13,26 @@
 //!    unreadable or legacy-mode signature, or one made by another key, is refused (exit 65)
 //!    before a single byte of the artifact is downloaded;
 //! 2. feeds every downloaded byte to `minisign-verify`'s streaming verifier alongside the
-//!    SHA-256, so the artifact is never held in memory or written to disk whole;
-//! 3. checks the signature once the last byte has arrived, **before activation**. A bad
-//!    signature discards the staged tree exactly as a checksum mismatch does; `current` is
-//!    never touched.
+//!    SHA-256 while spooling the artifact to a file under `staging/`;
+//! 3. checks the signature once the last byte has arrived and only then unpacks the spooled
+//!    file, so bytes nobody signed never reach the decompressor or the tar parser. A bad
+//!    signature discards the spool exactly as a checksum mismatch does; `current` is never
+//!    touched.
 //!
-//! Unpacking runs concurrently with the download, so the bytes of an artifact whose signature
-//! turns out to be bad do reach the staging directory. That is deliberate: verifying first
-//! would mean downloading the artifact twice or spooling it to disk, doubling the time and
-//! disk a deployment needs, while the unpacker already treats every archive as hostile
-//! (no absolute paths, no `..`, no escaping links, no device nodes, size limits), so an
-//! unverified archive can do nothing but fill a staging directory that is then deleted.
+//! The signature's trusted comment is signed too (minisign's global signature covers it) and
+//! carries the release's identity ([`crate::contract::identity`]: app, environment, key,
+//! SHA-256, commit, sequence); the agent checks it against where it found the artifact.
 //!
-//! The signature's trusted comment (`timestamp`, `file`, `commit`, `key`) is logged; it is
-//! not enforced, so an artifact re-published under another key does not need re-signing.
+//! Several public keys may be trusted at once (`public_key = ["RWQ...old", "RWQ...new"]`),
+//! for a key rotation: a signature is checked with the configured key whose id it names.
 //!
 //! ## In CI
 //!
 //! `publish --sign KEYFILE` reads a minisign secret key file. An unencrypted key (`minisign -G
 //! -W`) is used as is; an encrypted one needs its password in `DEPLOYD_SIGN_PASSWORD`, and is
-//! never prompted for, since CI has no terminal.
+//! never prompted for, since CI has no terminal. minisign 0.11 writes `-W` keys with an
+//! all-zero checksum, which the `minisign` crate refuses as corrupted; such a key is read
+//! directly and proven by signing a probe and checking it with its own public key.
 
 use std::io::Read;
 use std::path::Path;
@@ -47,6 +47,8 @@ use crate::s3::{self, S3Failure, S3Object, SmallBody, read_small_body};
 pub const SUFFIX: &str = ".minisig";
 /// A minisig file is a few hundred bytes; anything much larger is not one.
 pub const MAX_SIGNATURE_BYTES: usize = 16 * 1024;
+/// The decoded size of a minisign secret key: algorithms, salt, limits, key id, key, checksum.
+const SECRET_KEY_BYTES: usize = 2 + 2 + 2 + 32 + 8 + 8 + 8 + 64 + 32;
 /// The environment variable that holds an encrypted secret key's password.
 pub const PASSWORD_ENV: &str = "DEPLOYD_SIGN_PASSWORD";
 
@@ -55,7 +57,7 @@ pub fn signature_key(key: &str) -> String {
     format!("{key}{SUFFIX}")
 }
 
-/// Parses `[source] public_key`: a bare `RWQ...` key or the text of a `minisign.pub` file.
+/// Parses one public key: a bare `RWQ...` key or the text of a `minisign.pub` file.
 pub fn parse_public_key(text: &str) -> Result<PublicKey, String> {
     let text = text.trim();
     let parsed = if text.contains('\n') {
@@ -68,12 +70,90 @@ pub fn parse_public_key(text: &str) -> Result<PublicKey, String> {
     })
 }
 
+/// `[source] public_key` as written: one key, or a list of keys trusted at once (a rotation).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(untagged)]
+pub enum PublicKeys {
+    /// `public_key = "RWQ..."`.
+    One(String),
+    /// `public_key = ["RWQ...old", "RWQ...new"]`.
+    Many(Vec<String>),
+}
+
+impl PublicKeys {
+    /// The keys, parsed; the error names the entry that is not a key.
+    pub fn trusted(&self) -> Result<TrustedKeys, String> {
+        let texts: Vec<&str> = match self {
+            PublicKeys::One(one) => vec![one.as_str()],
+            PublicKeys::Many(many) => many.iter().map(String::as_str).collect(),
+        };
+        if texts.is_empty() {
+            return Err("is an empty list; name at least one key, or remove it".into());
+        }
+        let mut keys = Vec::with_capacity(texts.len());
+        for (i, text) in texts.iter().enumerate() {
+            let key = parse_public_key(text).map_err(|e| match self {
+                PublicKeys::One(_) => e,
+                PublicKeys::Many(_) => format!("entry {} {e}", i + 1),
+            })?;
+            keys.push(key);
+        }
+        Ok(TrustedKeys(keys))
+    }
+}
+
+/// The public keys signatures are checked with; a signature is checked with the one whose key
+/// id it names.
+#[derive(Debug, Clone)]
+pub struct TrustedKeys(Vec<PublicKey>);
+
+/// Why a small signed document (a release pointer's statement) is not acceptable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BytesRefused {
+    /// The signature text is not a minisign signature; why.
+    NotASignature(String),
+    /// No trusted key made it.
+    WrongKey,
+    /// The bytes or the trusted comment do not match the signature.
+    Invalid,
+}
+
+impl TrustedKeys {
+    /// How many keys are trusted.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// True when no key is trusted (never, for keys from a valid config).
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The trusted key that made `signature`, if any.
+    fn key_for(&self, signature: &Signature) -> Option<&PublicKey> {
+        self.0.iter().find(|k| {
+            !matches!(
+                k.verify_stream(signature),
+                Err(minisign_verify::Error::UnexpectedKeyId)
+            )
+        })
+    }
+
+    /// Checks `signature_text` (a `.minisig`) over `data`, held in memory; returns the
+    /// signature's (now authenticated) trusted comment.
+    pub fn verify_bytes(&self, data: &[u8], signature_text: &str) -> Result<String, BytesRefused> {
+        let signature = Signature::decode(signature_text)
+            .map_err(|e| BytesRefused::NotASignature(e.to_string().to_lowercase()))?;
+        let key = self.key_for(&signature).ok_or(BytesRefused::WrongKey)?;
+        key.verify(data, &signature, false)
+            .map_err(|_| BytesRefused::Invalid)?;
+        Ok(signature.trusted_comment().to_string())
+    }
+}
+
 /// The artifact's signature is missing, unusable, from another key or does not match.
 #[derive(Debug, thiserror::Error)]
 pub enum SignatureError {
-    /// `[source] public_key` is not a minisign key.
-    #[error("[source] public_key {0}")]
-    BadPublicKey(String),
     /// No `<key>.minisig`.
     #[error(
         "artifact {0} has no signature ({0}{SUFFIX} does not exist) and [source] public_key requires one; publish it with `deployd publish --sign`"
@@ -89,9 +169,9 @@ pub enum SignatureError {
         /// Why, as one clause.
         reason: String,
     },
-    /// Signed with another key.
+    /// Signed with a key that is not trusted.
     #[error(
-        "signature {0}{SUFFIX} was made with another key than [source] public_key; sign with the matching secret key or update public_key"
+        "signature {0}{SUFFIX} was made with a key that [source] public_key does not trust; sign with a trusted secret key or add its public key"
     )]
     WrongKey(S3Object),
     /// The bytes do not match the signature.
@@ -115,7 +195,6 @@ pub enum SignatureError {
 }
 
 exit_codes!(SignatureError {
-    BadPublicKey(_) => CONFIG,
     Unavailable { .. } => UNAVAILABLE,
     _ => DATAERR,
 });
@@ -176,14 +255,13 @@ impl Signed {
     }
 }
 
-/// Fetches and checks `<key>.minisig` against `public_key` (the config's text), before the
-/// artifact is downloaded: a missing signature or one from another key fails here.
+/// Fetches `<key>.minisig` and picks the trusted key that made it, before the artifact is
+/// downloaded: a missing signature or one from an untrusted key fails here.
 pub async fn fetch(
     s3: &Client,
     object: &S3Object,
-    public_key: &str,
+    keys: &TrustedKeys,
 ) -> Result<Signed, SignatureError> {
-    let public_key = parse_public_key(public_key).map_err(SignatureError::BadPublicKey)?;
     let sig = object.sibling(signature_key(&object.key));
     let unusable = |reason: String| SignatureError::Unusable {
         object: object.clone(),
@@ -223,6 +301,10 @@ pub async fn fetch(
         .map_err(|_| unusable("it is not text in minisign format".to_string()))?;
     let signature = Signature::decode(text)
         .map_err(|e| unusable(format!("it is not a minisign signature ({e})")))?;
+    let public_key = keys
+        .key_for(&signature)
+        .cloned()
+        .ok_or_else(|| SignatureError::WrongKey(object.clone()))?;
     let signed = Signed {
         object: object.clone(),
         public_key,
@@ -295,27 +377,60 @@ impl std::fmt::Debug for SigningKey {
 
 impl SigningKey {
     /// Loads a minisign secret key file; an encrypted key's password comes from `password`.
+    ///
+    /// The key's second line says whether it is encrypted (`Sc`, scrypt) or not (`minisign
+    /// -G -W`); an unencrypted key is read directly, whatever its checksum says, and proven
+    /// by signing a probe that its own public key must verify.
     pub fn load(path: &Path, password: Option<String>) -> Result<SigningKey, SignError> {
         let shown = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|e| SignError::Read {
             path: shown.clone(),
             reason: e.to_string(),
         })?;
-        let bad = |e: minisign::PError| SignError::BadKey {
+        let bad = |reason: String| SignError::BadKey {
             path: shown.clone(),
-            reason: e.to_string(),
+            reason,
         };
-        let boxed = minisign::SecretKeyBox::from_string(&text).map_err(bad)?;
-        let sk = match boxed.clone().into_unencrypted_secret_key() {
-            Ok(sk) => sk,
-            Err(_) => match password {
+        let raw = text
+            .lines()
+            .nth(1)
+            .and_then(|line| aws_smithy_types::base64::decode(line.trim()).ok())
+            .filter(|raw| raw.len() == SECRET_KEY_BYTES)
+            .ok_or_else(|| {
+                bad(
+                    "it is not a minisign secret key file (the second line must be the base64 key)"
+                        .into(),
+                )
+            })?;
+        let sk = match &raw[2..4] {
+            [0, 0] => minisign::SecretKey::from_bytes(&raw).map_err(|e| bad(e.to_string()))?,
+            b"Sc" => match password {
                 // `from_box` with `None` would prompt on the terminal; never let it.
-                Some(pw) => boxed.into_secret_key(Some(pw)).map_err(bad)?,
+                Some(pw) => minisign::SecretKeyBox::from_string(&text)
+                    .and_then(|b| b.into_secret_key(Some(pw)))
+                    .map_err(|e| bad(e.to_string()))?,
                 None => return Err(SignError::NeedsPassword { path: shown }),
             },
+            other => {
+                return Err(bad(format!(
+                    "it uses key derivation {other:?}, which minisign does not define"
+                )));
+            }
         };
-        let pk = minisign::PublicKey::from_secret_key(&sk).map_err(bad)?;
+        let pk = minisign::PublicKey::from_secret_key(&sk).map_err(|e| bad(e.to_string()))?;
+        // With the public key given, `sign` checks the signature it made against it: a key
+        // whose halves do not belong together (a corrupted file) fails here, not on hosts.
+        minisign::sign(Some(&pk), &sk, &b"deployd key check"[..], None, None).map_err(|e| {
+            bad(format!(
+                "it cannot make a signature its public key accepts ({e})"
+            ))
+        })?;
         Ok(SigningKey { sk, pk })
+    }
+
+    /// This key's own public key as the trusted set, to check what it signed earlier.
+    pub fn trusted(&self) -> Result<TrustedKeys, String> {
+        PublicKeys::One(self.public_key_base64()).trusted()
     }
 
     /// The public key, as the `RWQ...` string `[source] public_key` takes.

@@ -6,10 +6,15 @@
 //! to it (activate, revert, rollback, reconcile) live beside the disk changes they go with, in
 //! `deploy::state`.
 //!
+//! It also keeps, per `{app}/{environment}`, the highest signed release sequence this host has
+//! accepted (`high_water`): the agent refuses an older signed release unless an operator asks
+//! for the downgrade explicitly. Files written before it existed load with none recorded.
+//!
 //! `status.json` (in the runtime directory) is the live view for `deployd status` and
 //! monitoring: the [`Stage`] of the running deployment, its progress, and the last result. It
 //! is best effort: failing to write it is logged, never fatal.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::fs;
 use std::io;
@@ -125,6 +130,23 @@ pub struct State {
     /// Recent attempts, newest first.
     #[serde(default)]
     pub history: Vec<Attempt>,
+    /// Per `{app}/{environment}`, the newest signed release accepted here.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub high_water: BTreeMap<String, HighWater>,
+}
+
+/// The newest signed release accepted for one app and environment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HighWater {
+    /// Its release sequence.
+    pub sequence: u64,
+    /// Its S3 key.
+    pub key: String,
+    /// RFC 3339, when it was accepted.
+    pub accepted_at: String,
+    /// True when an operator lowered the mark on purpose (`--allow-downgrade`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub downgraded: bool,
 }
 
 impl State {
@@ -310,6 +332,10 @@ mod tests {
         assert_eq!(cur.artifact.to_string(), "s3://b/k");
         assert_eq!(cur.artifact.etag(), "\"e\"");
         assert_eq!(s.last_attempt.unwrap().artifact, None);
+        assert!(s.high_water.is_empty());
+        let again: State =
+            serde_json::from_slice(&serde_json::to_vec(&State::default()).unwrap()).unwrap();
+        assert_eq!(again, State::default());
     }
 
     #[test]

@@ -21,7 +21,9 @@
 //!
 //! A release pointer (`DEPLOYMENT_POINTER`, `[source] pointer_key`) is read right after
 //! resolving and replaced by the artifact it names, with the pointer's digest as the expected
-//! SHA-256. Each attempt is also reported outward ([`crate::report::outward`]): EC2 instance
+//! SHA-256. With `[source] public_key` the pointer must be signed, and the pointer and the
+//! artifact's signed identities are checked against where they were found and against the
+//! newest release accepted here ([`trust`]). Each attempt is also reported outward ([`crate::report::outward`]): EC2 instance
 //! tags at its start (concurrently with the pipeline) and end, and the metrics file.
 
 mod containers;
@@ -30,6 +32,7 @@ pub mod fetch;
 pub mod release;
 pub mod source;
 pub mod state;
+pub mod trust;
 pub mod unpack;
 pub mod verify;
 
@@ -45,8 +48,8 @@ use crate::config::envfile::{EnvFile, EnvFileError};
 use crate::containers::{ContainerError, Engine, ReleaseRef};
 use crate::contract::host::Manifest;
 use crate::contract::now_rfc3339;
-use crate::contract::pointer::{self, PointerError, PointerRead};
-use crate::contract::signature::{self, SignatureError};
+use crate::contract::pointer::PointerError;
+use crate::contract::signature::SignatureError;
 use crate::contract::state::{Attempt, Outcome, Stage, StateError};
 use crate::error::{ExitCode, exit_codes};
 use crate::instance::Instance;
@@ -59,6 +62,7 @@ use fetch::FetchError;
 use release::{Layout, ReleaseError};
 use source::{Artifact, Origin, SourceError};
 use state::{Host, HostError};
+use trust::TrustError;
 use unpack::UnpackError;
 use verify::{Verified, VerifyError};
 
@@ -73,6 +77,8 @@ pub struct Request {
     pub force_rebuild: bool,
     /// Remove the project's images and builder cache first.
     pub clear_cache: bool,
+    /// Accept a signed release older than the newest one accepted here.
+    pub allow_downgrade: bool,
     /// What asked for this deployment, for the log and the state.
     pub trigger: String,
 }
@@ -107,6 +113,9 @@ pub enum DeployError {
     /// The signature is missing, from another key, or does not match.
     #[error(transparent)]
     Signature(#[from] SignatureError),
+    /// A signed release or pointer is not what its place requires, or is too old.
+    #[error(transparent)]
+    Trust(#[from] TrustError),
     /// A head-object check failed.
     #[error(transparent)]
     Verify(#[from] VerifyError),
@@ -190,6 +199,7 @@ exit_codes!(DeployError {
     Source(e) => e.exit_code(),
     Pointer(e) => e.exit_code(),
     Signature(e) => e.exit_code(),
+    Trust(e) => e.exit_code(),
     Verify(e) => e.exit_code(),
     Fetch(e) => e.exit_code(),
     Unpack { source, .. } => source.exit_code(),
@@ -375,6 +385,10 @@ impl Deployer {
         // one-shot `deploy` as much as by the daemon.
         self.host().reconcile()?;
         self.reporter.stage(Stage::Resolving, None);
+        self.learn_bucket_owner().await;
+        let keys = self.cfg.source.trusted_keys().map_err(|e| {
+            DeployError::Internal(format!("reading [source] public_key, which {e}"))
+        })?;
         let env = EnvFile::load(&self.cfg.environment_file)?;
         let artifact = self
             .cancellable(source::resolve(
@@ -385,7 +399,7 @@ impl Deployer {
             ))
             .await?;
         *target = Some(artifact.object.clone());
-        let artifact = self.follow_pointer(artifact).await?;
+        let (artifact, statement) = self.follow_pointer(artifact, keys.as_ref()).await?;
         *target = Some(artifact.object.clone());
         self.reporter.artifact(&artifact.object);
         if artifact.origin == Origin::Legacy {
@@ -399,12 +413,21 @@ impl Deployer {
         }
 
         let mut retried_after_replace = false;
-        let (verified, staged) = loop {
+        let (verified, staged, signed) = loop {
             self.reporter
                 .stage(Stage::Verifying, Some(artifact.to_string()));
             let verified = self
                 .cancellable(verify::verify(&self.s3, &artifact, &self.cfg.source))
                 .await?;
+            // A signature's identity is checked before "already serving": an old release
+            // copied over the requested key must be refused, not reported as unchanged.
+            let signed = match &keys {
+                Some(keys) => Some(
+                    self.check_signed(&verified.object, keys, statement.as_ref())
+                        .await?,
+                ),
+                None => None,
+            };
             if !(req.force || req.force_rebuild || req.clear_cache)
                 && let Some(release) = self
                     .host()
@@ -413,16 +436,17 @@ impl Deployer {
                 tracing::info!(release = %release, "this artifact is already serving; nothing to do (use --force to redeploy it)");
                 return Ok(Done::Unchanged { release });
             }
-            let signed = match &self.cfg.source.public_key {
-                Some(public_key) => {
-                    Some(signature::fetch(&self.s3, &verified.object, public_key).await?)
-                }
+            let signed = match signed {
+                Some(s) => Some(self.check_sequence(s, req)?),
                 None => None,
             };
             self.reporter
                 .stage(Stage::Fetching, Some(verified.object.to_string()));
-            match self.fetch_and_unpack(&verified, signed.as_ref()).await {
-                Ok(staged) => break (verified, staged),
+            match self
+                .fetch_and_unpack(&verified, signed.as_ref().map(|s| &s.signed))
+                .await
+            {
+                Ok(staged) => break (verified, staged, signed),
                 Err(DeployError::Fetch(FetchError::Replaced(_))) if !retried_after_replace => {
                     retried_after_replace = true;
                     tracing::warn!(artifact = %verified.object, "artifact was replaced during the download; verifying it again");
@@ -436,7 +460,11 @@ impl Deployer {
         // (containers) not interruptible without leaving a half-started release.
         self.check_cancel()?;
         self.reporter.stage(Stage::Activating, None);
-        let manifest = self.manifest(&artifact, &verified, &staged);
+        let mut manifest = self.manifest(&artifact, &verified, &staged);
+        if let Some(s) = signed {
+            manifest.identity = Some(s.identity);
+            manifest.downgrade = s.downgrade;
+        }
         let id = manifest.id.clone();
         self.reporter.release(&id, manifest.commit());
         let containers = self.has_containers(staged.staging.path());
@@ -507,39 +535,9 @@ impl Deployer {
             unpacked: staged.stats.clone(),
             fetched_at: humantime::format_rfc3339_nanos(std::time::SystemTime::now()).to_string(),
             source: artifact.origin.to_string(),
+            identity: None,
+            downgrade: false,
         }
-    }
-
-    /// Reads the release pointer `artifact` names, if it is one, and returns the artifact the
-    /// pointer names, with the pointer's SHA-256 as the expected digest.
-    async fn follow_pointer(&self, artifact: Artifact) -> Result<Artifact, DeployError> {
-        if !artifact.origin.is_pointer() {
-            return Ok(artifact);
-        }
-        self.reporter
-            .stage(Stage::ReadingPointer, Some(artifact.to_string()));
-        let PointerRead::Changed { pointer, etag } =
-            pointer::read(&self.s3, &artifact.object, None).await?
-        else {
-            // Without an ETag to compare, S3 never answers 304.
-            return Err(DeployError::Internal(format!(
-                "reading release pointer {artifact} (unexpected 304)"
-            )));
-        };
-        tracing::info!(
-            pointer = %artifact,
-            pointer_etag = %etag,
-            key = %pointer.key,
-            sha256 = %pointer.sha256,
-            commit = %pointer.commit,
-            published_at = %pointer.published_at,
-            "following release pointer"
-        );
-        Ok(Artifact {
-            object: artifact.object.sibling(pointer.key),
-            origin: artifact.origin,
-            expected_sha256: Some(pointer.sha256),
-        })
     }
 
     /// Reports how an attempt ended to the metrics file and the EC2 instance tags.

@@ -16,6 +16,12 @@
 //!
 //! `DEPLOYMENT_SHA256` is only trusted for the key it travels with (source 2).
 //!
+//! An explicit request (source 1) may only name a bucket this host is configured to deploy
+//! from: `DEPLOYMENT_BUCKET`, `[source] bucket`, the filled legacy bucket when that is the
+//! configured source, or one of `[source] allowed_buckets` ([`check_request`]); anything else
+//! is refused (exit 65) before S3 is asked. With `[source] public_key` the artifact it names
+//! is then verified like any other, high-water mark included.
+//!
 //! A release pointer (see [`crate::contract::pointer`]) names the artifact indirectly and ranks with the
 //! place it is configured in: `DEPLOYMENT_POINTER` (with `DEPLOYMENT_BUCKET`) in source 2,
 //! `[source] pointer_key` (with `[source] bucket`) in source 3. The resolved [`Artifact`] then
@@ -152,12 +158,57 @@ pub enum SourceError {
     /// A key was given without any bucket to look it up in.
     #[error("a key needs a bucket: pass --bucket, or set DEPLOYMENT_BUCKET or [source] bucket")]
     NoBucket,
+    /// An explicit request names a bucket this host does not deploy from.
+    #[error(
+        "{object} is outside the buckets this host deploys from ({allowed}); add its bucket to [source] allowed_buckets to allow it"
+    )]
+    NotAllowed {
+        /// The requested artifact.
+        object: S3Object,
+        /// The buckets allowed, comma-separated.
+        allowed: String,
+    },
 }
 
 exit_codes!(SourceError {
     NoBucket => USAGE,
+    NotAllowed { .. } => DATAERR,
     _ => CONFIG,
 });
+
+/// Refuses an explicit request (trigger file, `--bucket/--key`) for a bucket this host is not
+/// configured to deploy from.
+pub async fn check_request(
+    cfg: &Config,
+    env: &EnvFile,
+    object: &S3Object,
+    instance: &Instance,
+) -> Result<(), SourceError> {
+    let mut allowed: Vec<String> = cfg.source.allowed_buckets.clone();
+    allowed.extend(lookup(env, "DEPLOYMENT_BUCKET"));
+    if !cfg.source.bucket.is_empty() {
+        allowed.push(cfg.source.bucket.clone());
+    }
+    if allowed.contains(&object.bucket) {
+        return Ok(());
+    }
+    if lookup(env, "DEPLOYMENT_BUCKET").is_none() && cfg.source.bucket.is_empty() {
+        // The legacy template is the configured source: its bucket, if it can be filled.
+        match fill("legacy_bucket", &cfg.source.legacy_bucket, env, instance).await {
+            Ok(bucket) if bucket == object.bucket => return Ok(()),
+            Ok(bucket) => allowed.push(bucket),
+            Err(error) => tracing::debug!(%error, "the legacy bucket cannot be filled"),
+        }
+    }
+    Err(SourceError::NotAllowed {
+        object: object.clone(),
+        allowed: if allowed.is_empty() {
+            "none is configured".into()
+        } else {
+            allowed.join(", ")
+        },
+    })
+}
 
 /// The bucket an explicit key without a bucket (`deployd trigger --key K`) is looked up in:
 /// `DEPLOYMENT_BUCKET`, else `[source] bucket`.
@@ -182,6 +233,7 @@ pub async fn resolve(
     instance: &Instance,
 ) -> Result<Artifact, SourceError> {
     if let Some(object) = request {
+        check_request(cfg, env, &object, instance).await?;
         return Ok(Artifact::new(object, Origin::Request));
     }
     let env_file = env.path.display().to_string();

@@ -10,12 +10,19 @@
 //!   reconcile (startup: `current`, the releases on disk and state.json made to agree)
 //! ```
 //!
+//! The high-water mark (the newest signed release accepted per app and environment) moves
+//! with `activate`, in the same save as `current`: up to the activated release's sequence, or
+//! down to it when the operator allowed a downgrade. `revert` puts it back with the rest (an
+//! unhealthy release was never accepted); `rollback` leaves it alone (a local, explicit
+//! choice); `reconcile` rebuilds it from the releases' manifests when `state.json` was lost.
+//!
 //! Each transition loads `state.json` once, changes the disk, and saves it atomically. The
 //! format of the file is [`crate::contract::state`]; the disk operations are
 //! [`crate::deploy::release`].
 
 use crate::contract::host::Manifest;
-use crate::contract::state::{Attempt, Outcome, ReleaseSummary, State, StateError};
+use crate::contract::now_rfc3339;
+use crate::contract::state::{Attempt, HighWater, Outcome, ReleaseSummary, State, StateError};
 use crate::deploy::release::{Layout, ReleaseError};
 use crate::error::exit_codes;
 use crate::s3::S3Object;
@@ -224,6 +231,7 @@ impl<'a> Host<'a> {
             state.previous_good = Some(previous);
         }
         state.current = Some(summary);
+        raise_high_water(&mut state, manifest);
         self.save(&state)?;
         let protect: Vec<&str> = [state.current.as_ref(), state.previous_good.as_ref()]
             .into_iter()
@@ -247,8 +255,14 @@ impl<'a> Host<'a> {
         }
         state.current = before.current.clone();
         state.previous_good = before.previous_good.clone();
+        state.high_water = before.high_water.clone();
         self.save(&state)?;
         Ok(())
+    }
+
+    /// The newest signed release accepted for `scope` (`{app}/{environment}`).
+    pub fn high_water(&self, scope: &str) -> Result<Option<HighWater>, StateError> {
+        Ok(self.load()?.high_water.get(scope).cloned())
     }
 
     /// The release `deployd rollback` goes to: `id`, else the previous good one.
@@ -291,11 +305,33 @@ impl<'a> Host<'a> {
                 "removed staging debris from an interrupted deployment"
             );
         }
+        let missing = !layout.paths().state_file.exists();
         let mut state = match self.load() {
-            Ok(s) => s,
-            Err(error) => {
-                tracing::warn!(%error, "state file unreadable; rebuilding it from the releases on disk");
-                State::default()
+            Ok(s) if !missing => s,
+            loaded => {
+                if let Err(error) = loaded {
+                    tracing::warn!(%error, "state file unreadable; rebuilding it from the releases on disk");
+                }
+                // The high-water marks come back from the releases' manifests, so losing
+                // state.json does not reopen the door to rollbacks.
+                let mut state = State::default();
+                for id in layout.release_ids().unwrap_or_default() {
+                    if let Ok(m) = layout.manifest(&id) {
+                        let m = Manifest {
+                            downgrade: false,
+                            ..m
+                        };
+                        raise_high_water(&mut state, &m);
+                    }
+                }
+                if !state.high_water.is_empty() {
+                    tracing::warn!(
+                        scopes = ?state.high_water.keys().collect::<Vec<_>>(),
+                        "rebuilt the high-water marks from the releases' manifests"
+                    );
+                    self.save(&state)?;
+                }
+                state
             }
         };
         let intact = |id: &str| layout.manifest(id).is_ok();
@@ -343,5 +379,29 @@ impl<'a> Host<'a> {
             "reconciled"
         );
         Ok(state.current)
+    }
+}
+
+/// Moves the high-water mark for `manifest`'s signed release: up to its sequence, or to it
+/// whatever it was when the operator allowed a downgrade. Unsigned releases leave it alone.
+fn raise_high_water(state: &mut State, manifest: &Manifest) {
+    let Some(identity) = &manifest.identity else {
+        return;
+    };
+    let scope = identity.scope();
+    let higher = state
+        .high_water
+        .get(&scope)
+        .is_none_or(|hw| identity.sequence > hw.sequence);
+    if higher || manifest.downgrade {
+        state.high_water.insert(
+            scope,
+            HighWater {
+                sequence: identity.sequence,
+                key: identity.key.clone(),
+                accepted_at: now_rfc3339(),
+                downgraded: manifest.downgrade && !higher,
+            },
+        );
     }
 }

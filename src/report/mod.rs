@@ -6,6 +6,7 @@
 //! - [`metrics`]: the node_exporter textfile and its counters;
 //! - [`outward`]: the end of an attempt, told to the metrics file and the instance's EC2 tags.
 
+pub mod logging;
 pub mod metrics;
 pub mod status;
 pub mod terminal;

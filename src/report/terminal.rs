@@ -11,7 +11,7 @@
 //! One line per stage with its duration, printed when the stage ends; a progress bar for the
 //! download and the image builds while they run (`indicatif`); a summary at the end: the
 //! release, its commit, the duration, the build's cache hits and what serves. The logging
-//! setup ([`crate::logging`]) chooses this view only for a person at a terminal; the daemon,
+//! setup ([`crate::report::logging`]) chooses this view only for a person at a terminal; the daemon,
 //! journald, `--log-format` and `-v` keep the structured logs. With text logs in a terminal
 //! the view draws only the bars, below the logs ([`View::bars_only`]).
 //!
@@ -26,7 +26,7 @@ use console::{Term, style};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressState, ProgressStyle};
 
 use crate::contract::state::{Attempt, Outcome, ReleaseSummary, Stage};
-use crate::logging::Output;
+use crate::report::logging::Output;
 
 /// How often a spinner turns.
 const TICK: Duration = Duration::from_millis(120);

@@ -10,7 +10,9 @@ pub mod daemon;
 pub mod docker;
 pub mod ec2;
 pub mod imds;
+pub mod keys;
 pub mod proxy;
+pub mod signed;
 pub mod tarball;
 
 #[allow(unused_imports)]
@@ -277,13 +279,20 @@ impl Host {
         host
     }
 
+    /// Writes the host's config: `source` lines go into `[source]` (with a short
+    /// `wait_for_artifact`, and the host's own bucket in `allowed_buckets` so that `deploy
+    /// --bucket/--key` and trigger files may name it, unless `source` sets either), `extra`
+    /// after the other tables.
     pub fn write_config(&self, source: &str, extra: &str) {
         let d = self.dir.path().display();
-        let wait = if source.contains("wait_for_artifact") {
-            ""
+        let mut wait = if source.contains("wait_for_artifact") {
+            String::new()
         } else {
-            "wait_for_artifact = \"2s\"\n"
+            "wait_for_artifact = \"2s\"\n".to_string()
         };
+        if !source.contains("allowed_buckets") {
+            wait.push_str(&format!("allowed_buckets = [\"{}\"]\n", self.bucket));
+        }
         let containers = if extra.contains("[containers]") {
             ""
         } else {

@@ -39,6 +39,7 @@ enum Rejection {
     Unreadable(io::Error),
     NotUtf8,
     Invalid(String),
+    DowngradeNotRoot(u32),
 }
 
 impl fmt::Display for Rejection {
@@ -61,6 +62,10 @@ impl fmt::Display for Rejection {
             Self::Unreadable(e) => write!(f, "it could not be read ({e})"),
             Self::NotUtf8 => f.write_str("it is not UTF-8 text"),
             Self::Invalid(reason) => f.write_str(reason),
+            Self::DowngradeNotRoot(uid) => write!(
+                f,
+                "it sets allow_downgrade but is owned by uid {uid}; only root may allow a downgrade"
+            ),
         }
     }
 }
@@ -355,6 +360,7 @@ impl TriggerDir {
                     force_rebuild = trigger.force_rebuild,
                     clear_cache = trigger.clear_cache,
                     reason = trigger.reason.as_deref(),
+                    allow_downgrade = trigger.allow_downgrade,
                     "accepted a trigger file"
                 );
                 Outcome::Accepted(trigger)
@@ -426,6 +432,9 @@ impl TriggerDir {
         let text = String::from_utf8(bytes).map_err(|_| Rejection::NotUtf8)?;
         let trigger = Trigger::parse(&text, TriggerOrigin::File(path.to_path_buf()))
             .map_err(Rejection::Invalid)?;
+        if trigger.allow_downgrade && uid != 0 {
+            return Err(Rejection::DowngradeNotRoot(uid));
+        }
         Ok(Some((trigger, stat)))
     }
 

@@ -1,5 +1,5 @@
 //! The trigger file format (empty, or TOML with `bucket`, `key`, `force_rebuild`,
-//! `clear_cache`, `reason`) and [`write_trigger`], which drops one safely.
+//! `clear_cache`, `reason`, `allow_downgrade`) and [`write_trigger`], which drops one safely.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -26,6 +26,8 @@ struct TriggerFile {
     clear_cache: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     reason: Option<String>,
+    #[serde(default, skip_serializing_if = "is_false")]
+    allow_downgrade: bool,
 }
 
 fn is_false(value: &bool) -> bool {
@@ -44,6 +46,7 @@ impl Trigger {
             force_rebuild: file.force_rebuild,
             clear_cache: file.clear_cache,
             reason: file.reason,
+            allow_downgrade: file.allow_downgrade,
             origin,
         };
         trigger.check()?;
@@ -58,6 +61,7 @@ impl Trigger {
             force_rebuild: self.force_rebuild,
             clear_cache: self.clear_cache,
             reason: self.reason.clone(),
+            allow_downgrade: self.allow_downgrade,
         };
         // Serializing a struct of strings and booleans has no failure mode in `toml`.
         toml::to_string(&file).unwrap_or_default()
@@ -190,6 +194,10 @@ mod tests {
                 .unwrap_err()
                 .contains('\n')
         );
+        let e = Trigger::parse("reason = \"fix\\u001b[2Jcleared\"\n", file("a")).unwrap_err();
+        assert!(e.contains("reason contains control characters"), "{e}");
+        let e = Trigger::parse("reason = \"two\\nlines\"\n", file("a")).unwrap_err();
+        assert!(e.contains("reason contains control characters"), "{e}");
     }
 
     #[test]
@@ -198,7 +206,8 @@ mod tests {
         t.bucket = Some("b".into());
         t.key = Some("k".into());
         t.clear_cache = true;
-        t.reason = Some("quote \" and\nnewline".into());
+        t.reason = Some("quote \" and 'apostrophe'".into());
+        t.allow_downgrade = true;
         let back = Trigger::parse(&t.to_toml(), TriggerOrigin::Signal).unwrap();
         assert_eq!(back, t);
         assert_eq!(Trigger::new(TriggerOrigin::Poll).to_toml(), "");

@@ -14,9 +14,14 @@
 //! force_rebuild = true                              # rebuild containers even if unchanged
 //! clear_cache = false                               # drop images and builder cache first
 //! reason = "hotfix for #51"                         # shown in the log and status
+//! allow_downgrade = true                            # accept an older signed release (root only)
 //! ```
 //!
-//! `bucket` and `key` come together or not at all. Unknown keys are an error. Writers must not
+//! `bucket` and `key` come together or not at all, and may only name a bucket the host deploys
+//! from (see `deploy::source::check_request`). `reason` may hold no control characters (it is
+//! shown in logs, terminals and tags). `allow_downgrade` is honoured only in a file owned by
+//! root: a trusted group may ask for deployments, not for rollbacks past the newest signed
+//! release. Unknown keys are an error. Writers must not
 //! let deployd see a half-written file: write `.<name>.tmp` (dot-files are ignored), then
 //! rename it into place. `deployd trigger` does exactly that through [`write_trigger`].
 //!
@@ -112,6 +117,8 @@ pub struct Trigger {
     pub clear_cache: bool,
     /// Free text for the log and the status file.
     pub reason: Option<String>,
+    /// Accept a signed release older than the newest accepted (root-owned files only).
+    pub allow_downgrade: bool,
     /// What asked for it.
     pub origin: TriggerOrigin,
 }
@@ -133,6 +140,7 @@ impl Trigger {
             force_rebuild: false,
             clear_cache: false,
             reason: None,
+            allow_downgrade: false,
             origin,
         }
     }
@@ -164,6 +172,11 @@ impl Trigger {
             }
         }
         if let Some(reason) = &self.reason
+            && reason.chars().any(char::is_control)
+        {
+            return Err("its reason contains control characters".into());
+        }
+        if let Some(reason) = &self.reason
             && reason.len() > MAX_REASON_LEN
         {
             return Err(format!(
@@ -178,11 +191,15 @@ impl Trigger {
     ///
     /// A later trigger that names an artifact replaces the earlier artifact; `force_rebuild`
     /// and `clear_cache` are OR-ed; distinct reasons are joined with `"; "` (bounded by
-    /// [`MAX_REASON_LEN`]); the origin becomes the later one.
+    /// [`MAX_REASON_LEN`]); the origin becomes the later one. `allow_downgrade` stays with the
+    /// artifact it was given for: it never extends to an artifact another trigger named.
     pub fn merge(&mut self, later: Trigger) {
         if later.key.is_some() {
             self.bucket = later.bucket;
             self.key = later.key;
+            self.allow_downgrade = later.allow_downgrade;
+        } else if self.key.is_none() {
+            self.allow_downgrade |= later.allow_downgrade;
         }
         self.force_rebuild |= later.force_rebuild;
         self.clear_cache |= later.clear_cache;
@@ -202,6 +219,9 @@ impl fmt::Display for Trigger {
         }
         if self.clear_cache {
             f.write_str(", clear cache")?;
+        }
+        if self.allow_downgrade {
+            f.write_str(", downgrade allowed")?;
         }
         if let Some(reason) = &self.reason {
             write!(f, " ({reason})")?;
@@ -350,6 +370,23 @@ mod tests {
         assert!(a.force_rebuild && a.clear_cache);
         assert_eq!(a.reason.as_deref(), Some("one; two"));
         assert_eq!(a.origin, TriggerOrigin::Poll);
+
+        // A downgrade allowed for one artifact never carries over to another.
+        let mut root = Trigger::new(TriggerOrigin::Signal);
+        root.allow_downgrade = true;
+        a.merge(root);
+        assert!(!a.allow_downgrade, "k2 was named without it");
+        let mut b = Trigger::new(TriggerOrigin::Signal);
+        b.bucket = Some("b3".into());
+        b.key = Some("k3".into());
+        b.allow_downgrade = true;
+        a.merge(b);
+        assert!(a.allow_downgrade);
+        a.merge(Trigger::new(TriggerOrigin::Poll));
+        assert!(
+            a.allow_downgrade,
+            "a later trigger without a key keeps k3's"
+        );
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! Values written the human way in the config file and on the command line: durations
-//! (`"5m"`) and sizes (`"4GiB"`).
+//! (`"5m"`) and sizes (`"4GiB"`). Used by the config and by the S3 client settings.
 
 use std::fmt;
 use std::time::Duration;
