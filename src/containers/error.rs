@@ -1,5 +1,6 @@
 //! Errors of the container stage, each naming what was being acted on and mapping to a sysexits
-//! exit code: 65 for a bad compose file or a failed build, 69 for an engine that does not answer,
+//! exit code: 65 for a bad compose file or a Dockerfile that does not build, 69 for an engine that
+//! does not answer (at startup or in the middle of a build),
 //! 75 for a release that did not become healthy (and was rolled back), 70 for everything else.
 
 use std::path::PathBuf;
@@ -111,6 +112,16 @@ pub enum ContainerError {
         /// The last attempt's error.
         message: String,
     },
+    /// The engine stopped answering in the middle of a request (a build): not the release's fault.
+    #[error(
+        "the Docker engine stopped answering while {action} ({message}); check that it runs (systemctl status docker)"
+    )]
+    EngineLost {
+        /// What deployd was doing.
+        action: String,
+        /// What broke.
+        message: String,
+    },
     /// An engine call failed.
     #[error("Docker engine call failed while {action}: {source}")]
     Engine {
@@ -192,7 +203,7 @@ impl ExitCode for ContainerError {
             | Self::Interpolation { .. }
             | Self::BuildFailed { .. } => exit::DATAERR,
             Self::ComposeRead { .. } | Self::ReadFile { .. } => exit::DATAERR,
-            Self::EngineUnavailable { .. } => exit::UNAVAILABLE,
+            Self::EngineUnavailable { .. } | Self::EngineLost { .. } => exit::UNAVAILABLE,
             Self::Engine { source, .. } if is_connection_error(source) => exit::UNAVAILABLE,
             Self::ImageMissing { .. } => exit::UNAVAILABLE,
             Self::RolledBack { .. } | Self::UnhealthyNoPrevious { .. } | Self::Unhealthy { .. } => {

@@ -7,8 +7,9 @@
 //! 1. [`Engine::load_project`] parses and validates the compose file (a documented subset; any
 //!    other key is an error naming the service and key, exit 65) and interpolates variables from
 //!    the release's `.env` and the environment file. No engine call, nothing built.
-//! 2. [`Engine::build`] builds every service with `build:` with the classic builder, `cache_from`
-//!    the previous release's image, and reports cache hits per service. A failed build stops here:
+//! 2. [`Engine::build`] builds every service with `build:` with BuildKit (the classic builder where
+//!    the engine has none), `cache_from` the previous release's images, and reports cache hits per
+//!    service. A failed build stops here:
 //!    nothing has been stopped, the serving release keeps serving.
 //! 3. [`Engine::up`] recreates only the services whose image or configuration changed, in
 //!    `depends_on` order, waits for each to be healthy, and on failure removes what it created and
@@ -35,6 +36,7 @@ pub mod context;
 pub(crate) mod engine;
 pub(crate) mod error;
 pub(crate) mod run;
+pub(crate) mod socket;
 
 pub use build::{BuildReport, ServiceBuild};
 pub use cache::ClearReport;

@@ -1,0 +1,268 @@
+//! BuildKit builds (`/build?version=2`), the context in the request body and no session, as the
+//! engine module decides wherever the engine has BuildKit.
+//!
+//! The final image is built first; the stage images of the stages it used are tagged afterwards,
+//! each with a build of that stage alone, which BuildKit's cache answers at once. Steps and hits
+//! are counted from the final build's decoded progress (the progress module): a step reused from
+//! BuildKit's cache or from the inline cache metadata of an image in `cache_from` is a hit.
+//!
+//! Without a session BuildKit cannot ask deployd for secrets or ssh agents: a Dockerfile with
+//! `RUN --mount=type=secret` or `type=ssh` fails with the engine's "no active sessions", which
+//! the error names. Cache and bind mounts, `--platform=$BUILDPLATFORM` and everything else the
+//! engine's Dockerfile frontend knows build.
+
+use super::progress::Progress;
+use super::{BuildRun, Job, Outcome, build_options};
+use crate::containers::context::stream_context;
+use crate::containers::engine::{Builder, Engine, REQUEST_TIMEOUT};
+use crate::containers::error::ContainerError;
+use crate::containers::socket::{Endpoint, Lines, read_short, streaming_request};
+
+/// One JSON message of the build's answer.
+#[derive(Debug, serde::Deserialize)]
+struct Message {
+    id: Option<String>,
+    stream: Option<String>,
+    error: Option<String>,
+    #[serde(rename = "errorDetail")]
+    error_detail: Option<ErrorDetail>,
+    aux: Option<serde_json::Value>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct ErrorDetail {
+    message: Option<String>,
+}
+
+/// The engine's error body for a refused request.
+#[derive(Debug, serde::Deserialize)]
+struct ErrorBody {
+    message: String,
+}
+
+/// How a build request ended.
+enum Answer {
+    /// The engine answered to the end; `error` is the build's failure, if it failed.
+    Done {
+        progress: Progress,
+        image_id: Option<String>,
+        error: Option<String>,
+    },
+    /// The engine refused the request (an HTTP error status), with its message.
+    Refused(String),
+    /// The connection failed or broke off.
+    Lost(String),
+}
+
+impl Engine {
+    /// Build a service's image, then tag the stages it used, with BuildKit.
+    pub(super) async fn buildkit_service(&self, job: &Job<'_>) -> Result<Outcome, ContainerError> {
+        let run = BuildRun {
+            tag: &job.tag,
+            target: job.spec.target.as_deref(),
+            cache_from: &job.cache_from,
+            no_cache: job.no_cache,
+            stage: false,
+        };
+        let (progress, image_id) = self.buildkit_run(job, &run).await?;
+        let count = progress.count();
+        let used = progress.stages();
+        let stages: Vec<String> = job
+            .stages
+            .iter()
+            .filter(|s| used.contains(*s))
+            .cloned()
+            .collect();
+        // Without cache the final build has just run every step: the stage builds take its
+        // results from BuildKit's cache and nothing older from the previous release's images.
+        for stage in &stages {
+            let image = job.stage_image(stage);
+            let run = BuildRun {
+                tag: &image,
+                target: Some(stage),
+                cache_from: &job.cache_from,
+                no_cache: false,
+                stage: true,
+            };
+            self.buildkit_run(job, &run).await?;
+        }
+        Ok(Outcome {
+            steps: count.steps,
+            from_steps: count.from_steps,
+            hits: count.hits,
+            image_id,
+            cache_from: job.cache_from.clone(),
+            stages,
+        })
+    }
+
+    /// Send one build and follow its progress to the end.
+    async fn buildkit_run(
+        &self,
+        job: &Job<'_>,
+        run: &BuildRun<'_>,
+    ) -> Result<(Progress, Option<String>), ContainerError> {
+        let service = &job.service.name;
+        let action = format!("building image {} of service `{service}`", run.tag);
+        let internal = |message: String| ContainerError::Internal {
+            action: action.clone(),
+            message,
+        };
+        // The decision chose BuildKit only with an endpoint deployd can reach itself.
+        let endpoint = self
+            .endpoint
+            .as_ref()
+            .ok_or_else(|| internal("no endpoint for BuildKit builds".into()))?;
+        let options = build_options(job, run, Builder::BuildKit);
+        let query = serde_urlencoded::to_string(&options).map_err(|e| internal(e.to_string()))?;
+        let path = format!("/v{}/build?{query}", self.facts.api_version);
+        let context = stream_context(job.spec.context.clone(), job.spec.dockerfile.clone());
+        let request = streaming_request("POST", &path, "application/x-tar", context.body)
+            .map_err(|e| internal(e.to_string()))?;
+        let answer =
+            match tokio::time::timeout(REQUEST_TIMEOUT, follow(endpoint, request, service)).await {
+                Ok(answer) => answer,
+                Err(_) => Answer::Lost(format!("no result within {REQUEST_TIMEOUT:?}")),
+            };
+        let written = context.writer.await.map_err(|e| ContainerError::Internal {
+            action: format!("sending the build context of service `{service}`"),
+            message: e.to_string(),
+        });
+        let failed = !matches!(answer, Answer::Done { error: None, .. });
+        // A context that could not be read explains a failed build better than the engine does.
+        match written {
+            Ok(Err(e)) => return Err(e),
+            Err(e) if failed => return Err(e),
+            _ => {}
+        }
+        match answer {
+            Answer::Lost(message) => Err(ContainerError::EngineLost { action, message }),
+            Answer::Refused(message) => Err(job.failed(run.tag, message)),
+            Answer::Done {
+                progress,
+                error: Some(message),
+                ..
+            } => {
+                let mut message = message.trim().to_string();
+                if let Some(step) = progress.failure() {
+                    message.push_str(&format!(" ({step})"));
+                }
+                if let Some(hint) = frontend_hint(job.dockerfile.as_deref(), &message) {
+                    message.push_str(&format!("; {hint}"));
+                }
+                Err(job.failed(run.tag, message))
+            }
+            Answer::Done {
+                progress,
+                image_id,
+                error: None,
+            } => Ok((progress, image_id)),
+        }
+    }
+}
+
+/// Send the build request and read its answer to the end.
+async fn follow(
+    endpoint: &Endpoint,
+    request: hyper::Request<crate::containers::socket::Body>,
+    service: &str,
+) -> Answer {
+    let response = match endpoint.send(request).await {
+        Ok(r) => r,
+        Err(e) => return Answer::Lost(e.to_string()),
+    };
+    let status = response.status();
+    if !status.is_success() {
+        let text = read_short(response.into_body()).await;
+        let message = serde_json::from_str::<ErrorBody>(&text).map_or(text, |b| b.message);
+        return Answer::Refused(message.trim().to_string());
+    }
+    let mut lines = Lines::new(response.into_body());
+    let mut progress = Progress::default();
+    let mut image_id = None;
+    let mut error = None;
+    while let Some(line) = lines.next().await {
+        let line = match line {
+            Ok(line) => line,
+            Err(e) => return Answer::Lost(e.to_string()),
+        };
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        let message: Message = match serde_json::from_slice(&line) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::debug!(service, error = %e, "unreadable build message");
+                continue;
+            }
+        };
+        match (message.id.as_deref(), &message.aux) {
+            (Some("moby.buildkit.trace"), Some(serde_json::Value::String(aux))) => {
+                progress.feed(service, aux);
+            }
+            (Some("moby.image.id"), Some(aux)) => {
+                image_id = aux.get("ID").and_then(|v| v.as_str()).map(str::to_string);
+            }
+            _ => {}
+        }
+        if let Some(text) = &message.stream {
+            tracing::debug!(service, "{}", text.trim_end());
+        }
+        if let Some(text) = message
+            .error_detail
+            .and_then(|d| d.message)
+            .or(message.error)
+        {
+            error = Some(text);
+        }
+    }
+    Answer::Done {
+        progress,
+        image_id,
+        error,
+    }
+}
+
+/// What to do about a failure that comes from the engine's Dockerfile frontend rather than from
+/// the Dockerfile's commands.
+fn frontend_hint(dockerfile: Option<&str>, message: &str) -> Option<&'static str> {
+    let dockerfile = dockerfile.unwrap_or_default();
+    if message.contains("no active session") {
+        return Some(
+            "RUN --mount=type=secret and type=ssh need a build session, which deployd does not open: build without them",
+        );
+    }
+    if message.contains("frontend gateway") || message.contains("docker/dockerfile") {
+        return Some(
+            "the `# syntax=` line makes the engine fetch a Dockerfile frontend image, which failed: remove the line to use the engine's own frontend, or let the engine reach the registry",
+        );
+    }
+    let parse_error = message.contains("unknown instruction") || message.contains("parse error");
+    if parse_error && dockerfile.contains("<<") {
+        return Some(
+            "this engine's Dockerfile frontend predates heredocs (`RUN <<EOF`); Docker 23.0 or newer builds them",
+        );
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frontend_failures_get_a_hint() {
+        let heredoc = "FROM busybox\nRUN <<EOT\necho hi\nEOT\n";
+        let parse = "failed to create LLB definition: dockerfile parse error line 3: unknown instruction: ECHO";
+        assert!(frontend_hint(Some(heredoc), parse).is_some_and(|h| h.contains("heredocs")));
+        assert_eq!(frontend_hint(Some("FROM busybox\n"), "exit code: 3"), None);
+        assert!(
+            frontend_hint(
+                None,
+                "failed to solve with frontend gateway.v0: failed to do request"
+            )
+            .is_some_and(|h| h.contains("syntax"))
+        );
+        assert!(frontend_hint(None, "no active sessions").is_some_and(|h| h.contains("secret")));
+    }
+}
