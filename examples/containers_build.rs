@@ -15,6 +15,11 @@ use deployd::error::ExitCode;
 
 #[tokio::main]
 async fn main() {
+    // RUST_LOG=deployd=debug shows every build step and whether it was a cache hit.
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
     let mut args: Vec<String> = std::env::args().skip(1).collect();
     let force = args.iter().any(|a| a == "--force");
     args.retain(|a| a != "--force");

@@ -226,13 +226,15 @@ impl ContainerError {
     }
 }
 
-/// Whether a bollard error means the engine could not be reached at all.
+/// Whether a bollard error means the engine could not be reached at all (the HTTP client's
+/// transport errors: no socket, refused, reset, timed out).
 pub(crate) fn is_connection_error(e: &bollard::errors::Error) -> bool {
     use bollard::errors::Error as E;
     matches!(
         e,
         E::IOError { .. }
             | E::HyperResponseError { .. }
+            | E::HyperLegacyError { .. }
             | E::RequestTimeoutError
             | E::SocketNotFoundError(_)
     )

@@ -160,6 +160,10 @@ pub struct Variant {
     pub multistage: bool,
     /// The dependency manifest the multi-stage `deps` stage installs (served at `/deps`).
     pub deps: String,
+    /// Build the backend from a two-stage Dockerfile in BuildKit syntax instead:
+    /// `FROM --platform=$BUILDPLATFORM ... AS build`, `RUN --mount=type=cache` and `type=bind`,
+    /// `COPY --from=build`.
+    pub buildkit_syntax: bool,
 }
 
 impl Variant {
@@ -172,6 +176,7 @@ impl Variant {
             frontend: false,
             multistage: false,
             deps: "left-pad@1.3.0".into(),
+            buildkit_syntax: false,
         }
     }
 }
@@ -232,6 +237,29 @@ impl App {
                  RUN mkdir -p /www && echo base > /www/base.txt\n\
                  COPY static/ /www/static/\n\
                  COPY --from=deps /deps/installed /www/deps\n\
+                 COPY --from=build /app.bin /www/version\n\
+                 {extra}\
+                 ARG GIT_COMMIT_HASH=unknown\n\
+                 RUN echo \"$GIT_COMMIT_HASH\" > /www/commit\n\
+                 CMD [\"httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/www\"]\n",
+                extra = v.extra_dockerfile
+            )
+        } else if v.buildkit_syntax {
+            std::fs::write(dir.join("deps.txt"), format!("{}\n", v.deps)).unwrap();
+            format!(
+                "FROM --platform=$BUILDPLATFORM {BASE_IMAGE} AS build\n\
+                 ARG TARGETPLATFORM\n\
+                 RUN --mount=type=cache,target=/cache echo \"$TARGETPLATFORM\" > /platform && touch /cache/seen\n\
+                 COPY deps.txt /deps/\n\
+                 RUN --mount=type=cache,target=/cache --mount=type=bind,source=deps.txt,target=/mnt/deps.txt \
+                     cat /mnt/deps.txt > /installed && ls /cache > /cache-seen\n\
+                 COPY app/ /src/\n\
+                 RUN cat /src/version > /app.bin\n\
+                 FROM {BASE_IMAGE}\n\
+                 RUN mkdir -p /www && echo base > /www/base.txt\n\
+                 COPY static/ /www/static/\n\
+                 COPY --from=build /installed /www/deps\n\
+                 COPY --from=build /platform /cache-seen /www/\n\
                  COPY --from=build /app.bin /www/version\n\
                  {extra}\
                  ARG GIT_COMMIT_HASH=unknown\n\
@@ -345,6 +373,45 @@ impl Drop for App {
                  docker network rm {p}_default ; true"
             ))
             .output();
+    }
+}
+
+/// A unix socket relaying every connection to the engine's socket: a way to take the engine
+/// away from a connected [`Engine`] (drop it, and connections to its path fail).
+pub struct EngineRelay {
+    pub socket: PathBuf,
+    _dir: tempfile::TempDir,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl EngineRelay {
+    pub fn start() -> EngineRelay {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("docker.sock");
+        let listener = tokio::net::UnixListener::bind(&socket).unwrap();
+        let task = tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    if let Ok(mut engine) =
+                        tokio::net::UnixStream::connect("/var/run/docker.sock").await
+                    {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut engine).await;
+                    }
+                });
+            }
+        });
+        EngineRelay {
+            socket,
+            _dir: dir,
+            task,
+        }
+    }
+}
+
+impl Drop for EngineRelay {
+    fn drop(&mut self) {
+        self.task.abort();
+        let _ = std::fs::remove_file(&self.socket);
     }
 }
 

@@ -1,15 +1,25 @@
 //! BuildKit builds (`/build?version=2`), the context in the request body and no session, as the
 //! engine module decides wherever the engine has BuildKit.
 //!
-//! The final image is built first; the stage images of the stages it used are tagged afterwards,
-//! each with a build of that stage alone, which BuildKit's cache answers at once. Steps and hits
-//! are counted from the final build's decoded progress (the progress module): a step reused from
-//! BuildKit's cache or from the inline cache metadata of an image in `cache_from` is a hit.
+//! The stages the target needs are built first, one request each (`target=<stage>`), then the
+//! final image, whose request finds the stages' steps in BuildKit's cache. Each image carries
+//! inline cache metadata. (Tagging the stages after the final build, from BuildKit's cache,
+//! was measured on Docker 20.10 to give stage images whose inline cache the next release's build
+//! after a builder prune used in only one of three runs; built first, four of four.) Steps and
+//! hits are counted from the decoded progress (the progress module), each step once: a step
+//! reused from BuildKit's cache or from the inline cache metadata of an image in `cache_from` is a
+//! hit. Without cache every request runs with `nocache`, so a forced rebuild runs the first
+//! stages once per later build: BuildKit's cache may hold older results of the same steps.
 //!
 //! Without a session BuildKit cannot ask deployd for secrets or ssh agents: a Dockerfile with
 //! `RUN --mount=type=secret` or `type=ssh` fails with the engine's "no active sessions", which
 //! the error names. Cache and bind mounts, `--platform=$BUILDPLATFORM` and everything else the
 //! engine's Dockerfile frontend knows build.
+
+use std::collections::HashSet;
+use std::fs::{File, OpenOptions};
+
+use nix::fcntl::{Flock, FlockArg};
 
 use super::progress::Progress;
 use super::{BuildRun, Job, Outcome, build_options};
@@ -17,6 +27,37 @@ use crate::containers::context::stream_context;
 use crate::containers::engine::{Builder, Engine, REQUEST_TIMEOUT};
 use crate::containers::error::ContainerError;
 use crate::containers::socket::{Endpoint, Lines, read_short, streaming_request};
+
+/// The lock that keeps deployd's BuildKit builds on one host from running at the same time.
+///
+/// BuildKit before v0.12 (Docker 20.10 and 23) can panic, taking the whole engine down, when
+/// concurrent builds share steps (moby/moby#42414, moby/buildkit#2303; fixed by
+/// moby/buildkit#3953): this happened on Docker 20.10 when two deployments of the same fixture
+/// built at once. One deployd per host builds one service at a time anyway; the lock covers
+/// several deployd processes (and test processes) on one engine.
+const HOST_BUILD_LOCK: &str = "/run/lock/deployd-buildkit.lock";
+
+/// Take [`HOST_BUILD_LOCK`], waiting for another build to end; `None` (and a warning) when the
+/// lock file cannot be used, in which case the build goes ahead unserialised.
+async fn host_build_lock(service: &str) -> Option<Flock<File>> {
+    let take = || {
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(HOST_BUILD_LOCK)?;
+        Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, errno)| errno.into())
+    };
+    let taken: std::io::Result<Flock<File>> = match tokio::task::spawn_blocking(take).await {
+        Ok(result) => result,
+        Err(e) => Err(std::io::Error::other(e)),
+    };
+    taken
+        .map_err(|error| {
+            tracing::warn!(service, path = HOST_BUILD_LOCK, %error, "building without the host build lock");
+        })
+        .ok()
+}
 
 /// One JSON message of the build's answer.
 #[derive(Debug, serde::Deserialize)]
@@ -55,45 +96,44 @@ enum Answer {
 }
 
 impl Engine {
-    /// Build a service's image, then tag the stages it used, with BuildKit.
+    /// Build a service's stage images, then its image, with BuildKit.
     pub(super) async fn buildkit_service(&self, job: &Job<'_>) -> Result<Outcome, ContainerError> {
-        let run = BuildRun {
-            tag: &job.tag,
-            target: job.spec.target.as_deref(),
-            cache_from: &job.cache_from,
-            no_cache: job.no_cache,
-            stage: false,
+        let _lock = host_build_lock(&job.service.name).await;
+        let mut outcome = Outcome {
+            cache_from: job.cache_from.clone(),
+            stages: job.stages.clone(),
+            ..Outcome::default()
         };
-        let (progress, image_id) = self.buildkit_run(job, &run).await?;
-        let count = progress.count();
-        let used = progress.stages();
-        let stages: Vec<String> = job
+        // A step is counted by the first build that shows it: later builds show the earlier
+        // stages' steps again, as hits of BuildKit's own cache.
+        let mut counted = HashSet::new();
+        let builds = job
             .stages
             .iter()
-            .filter(|s| used.contains(*s))
-            .cloned()
-            .collect();
-        // Without cache the final build has just run every step: the stage builds take its
-        // results from BuildKit's cache and nothing older from the previous release's images.
-        for stage in &stages {
-            let image = job.stage_image(stage);
+            .map(|s| (job.stage_image(s), Some(s.as_str()), true))
+            .chain(std::iter::once((
+                job.tag.clone(),
+                job.spec.target.as_deref(),
+                false,
+            )));
+        for (image, target, stage) in builds {
+            // Without cache every build runs with `nocache`: BuildKit's own cache may hold
+            // older results for the later builds' steps.
             let run = BuildRun {
                 tag: &image,
-                target: Some(stage),
+                target,
                 cache_from: &job.cache_from,
-                no_cache: false,
-                stage: true,
+                no_cache: job.no_cache,
+                stage,
             };
-            self.buildkit_run(job, &run).await?;
+            let (progress, image_id) = self.buildkit_run(job, &run).await?;
+            let count = progress.count_new(&mut counted);
+            outcome.steps += count.steps;
+            outcome.from_steps += count.from_steps;
+            outcome.hits += count.hits;
+            outcome.image_id = image_id;
         }
-        Ok(Outcome {
-            steps: count.steps,
-            from_steps: count.from_steps,
-            hits: count.hits,
-            image_id,
-            cache_from: job.cache_from.clone(),
-            stages,
-        })
+        Ok(outcome)
     }
 
     /// Send one build and follow its progress to the end.
@@ -129,7 +169,12 @@ impl Engine {
             message: e.to_string(),
         });
         let failed = !matches!(answer, Answer::Done { error: None, .. });
-        // A context that could not be read explains a failed build better than the engine does.
+        // An engine that went away explains everything after it (the context writer then fails
+        // with "build aborted"); otherwise a context that could not be read explains a failed
+        // build better than the engine does.
+        if let Answer::Lost(message) = answer {
+            return Err(ContainerError::EngineLost { action, message });
+        }
         match written {
             Ok(Err(e)) => return Err(e),
             Err(e) if failed => return Err(e),
@@ -184,7 +229,7 @@ async fn follow(
     while let Some(line) = lines.next().await {
         let line = match line {
             Ok(line) => line,
-            Err(e) => return Answer::Lost(e.to_string()),
+            Err(e) => return Answer::Lost(crate::error::error_chain(&e)),
         };
         if line.iter().all(u8::is_ascii_whitespace) {
             continue;

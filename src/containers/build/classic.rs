@@ -212,17 +212,19 @@ impl Engine {
             action: format!("sending the build context of service `{service}`"),
             message: e.to_string(),
         });
-        // A context that could not be read explains a failed build better than the engine does.
-        match written {
-            Ok(Err(e)) => return Err(e),
-            Err(e) if error.is_some() || lost.is_some() => return Err(e),
-            _ => {}
-        }
+        // An engine that went away explains everything after it (the context writer then fails
+        // with "build aborted"); otherwise a context that could not be read explains a failed
+        // build better than the engine does.
         if let Some(e) = lost {
             return Err(ContainerError::engine(
                 format!("building image {} of service `{service}`", run.tag),
                 e,
             ));
+        }
+        match written {
+            Ok(Err(e)) => return Err(e),
+            Err(e) if error.is_some() => return Err(e),
+            _ => {}
         }
         if let Some(message) = error {
             return Err(job.failed(run.tag, message.trim().to_string()));

@@ -38,6 +38,7 @@
 mod buildkit;
 mod classic;
 mod progress;
+mod stages;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -107,44 +108,6 @@ fn stage_image(service: &Service, release_id: &str, stage: &str) -> String {
     )
 }
 
-/// The named stages a build of `target` (else of the last stage) runs before it, in file
-/// order, lower-cased as the engine matches them. Empty for a single-stage Dockerfile, for an
-/// unknown target and for a Dockerfile that does not parse: the build itself then reports what
-/// is wrong, and the only cost of an empty list is cache that is not reused.
-fn intermediate_stages(dockerfile: &str, target: Option<&str>) -> Vec<String> {
-    let Ok(parsed) = parse_dockerfile::parse(dockerfile) else {
-        return Vec::new();
-    };
-    let names: Vec<Option<String>> = parsed
-        .stages()
-        .map(|s| {
-            s.from
-                .as_
-                .as_ref()
-                .map(|(_, n)| n.value.to_ascii_lowercase())
-        })
-        .collect();
-    let end = match target {
-        Some(t) => {
-            let t = t.to_ascii_lowercase();
-            match names.iter().position(|n| n.as_deref() == Some(t.as_str())) {
-                Some(i) => i,
-                None => return Vec::new(),
-            }
-        }
-        None => names.len().saturating_sub(1),
-    };
-    names[..end]
-        .iter()
-        .flatten()
-        .filter(|n| {
-            n.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-        })
-        .cloned()
-        .collect()
-}
-
 /// Whether `image`'s tag is one the engine accepts (at most 128 characters).
 fn tag_fits(image: &str) -> bool {
     split_image(image).1.len() <= 128
@@ -160,7 +123,7 @@ struct Job<'a> {
     tag: String,
     /// The Dockerfile's text, when it could be read (the build reports it otherwise).
     dockerfile: Option<String>,
-    /// The named stages before the target (see [`intermediate_stages`]).
+    /// The named stages before the target (see [`stages::intermediate_stages`]).
     stages: Vec<String>,
     /// Cache sources for the builds: empty without cache.
     cache_from: Vec<String>,
@@ -308,7 +271,11 @@ impl Engine {
         let dockerfile = std::fs::read_to_string(spec.context.join(&spec.dockerfile)).ok();
         let stages: Vec<String> = dockerfile
             .as_deref()
-            .map(|text| intermediate_stages(text, spec.target.as_deref()))
+            .map(|text| {
+                // BuildKit builds only the stages the target needs; the classic builder all.
+                let needed_only = self.decision.builder == Builder::BuildKit;
+                stages::intermediate_stages(text, spec.target.as_deref(), needed_only)
+            })
             .unwrap_or_default()
             .into_iter()
             .filter(|s| tag_fits(&stage_image(service, release.id, s)))
@@ -327,6 +294,8 @@ impl Engine {
         if !no_cache {
             job.cache_from = self.cache_sources(&job, previous).await?;
         }
+        // A retried release: its image, to keep if the build makes the same one again.
+        let before = self.image_id(&job.tag).await?;
         let builder = self.decision.builder;
         let outcome = match builder {
             Builder::BuildKit => self.buildkit_service(&job).await?,
@@ -339,21 +308,14 @@ impl Engine {
                 .await?
                 .ok_or_else(|| job.failed(&job.tag, "the engine reported no image".into()))?,
         };
-        let (repo, image_tag) = split_image(&service.image);
-        self.docker
-            .tag_image(
-                &job.tag,
-                Some(
-                    TagImageOptionsBuilder::new()
-                        .repo(repo)
-                        .tag(image_tag)
-                        .build(),
-                ),
-            )
-            .await
-            .map_err(|e| {
-                ContainerError::engine(format!("tagging {} as {}", job.tag, service.image), e)
-            })?;
+        let image_id = match before {
+            Some(old) if old != image_id && self.same_image(&old, &image_id).await? => {
+                self.tag(&old, &job.tag).await?;
+                old
+            }
+            _ => image_id,
+        };
+        self.tag(&job.tag, &service.image).await?;
         let built = ServiceBuild {
             service: service.name.clone(),
             image: job.tag,
@@ -407,6 +369,34 @@ impl Engine {
         Ok(cache_from)
     }
 
+    /// Whether two images have the same layers and configuration. BuildKit writes the inline
+    /// cache metadata of an unchanged rebuild in another order, which makes another image id:
+    /// the release's existing image is kept then, so its containers are left running.
+    async fn same_image(&self, a: &str, b: &str) -> Result<bool, ContainerError> {
+        let inspect = |id: String| async move {
+            self.docker
+                .inspect_image(&id)
+                .await
+                .map_err(|e| ContainerError::engine(format!("inspecting image {id}"), e))
+        };
+        let (a, b) = (inspect(a.to_string()).await?, inspect(b.to_string()).await?);
+        let layers =
+            |i: &bollard::models::ImageInspect| i.root_fs.as_ref().map(|r| r.layers.clone());
+        Ok(layers(&a) == layers(&b) && a.config == b.config && a.os == b.os)
+    }
+
+    /// Tag `image` (an id or reference) as `reference`.
+    async fn tag(&self, image: &str, reference: &str) -> Result<(), ContainerError> {
+        let (repo, tag) = split_image(reference);
+        self.docker
+            .tag_image(
+                image,
+                Some(TagImageOptionsBuilder::new().repo(repo).tag(tag).build()),
+            )
+            .await
+            .map_err(|e| ContainerError::engine(format!("tagging {image} as {reference}"), e))
+    }
+
     /// The id of an image, or `None` when the engine does not have it.
     pub(crate) async fn image_id(&self, image: &str) -> Result<Option<String>, ContainerError> {
         match self.docker.inspect_image(image).await {
@@ -434,49 +424,4 @@ fn build_spec(service: &Service) -> Result<&BuildSpec, ContainerError> {
 /// Whether `dir` holds the marker that `clear_cache` leaves in release directories.
 fn cache_cleared(dir: &Path) -> bool {
     dir.join(CACHE_CLEARED_MARKER).exists()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn intermediate_stages_are_the_named_ones_before_the_target() {
-        let dockerfile = "\
-# syntax=docker/dockerfile:1
-ARG BASE=busybox
-FROM --platform=linux/amd64 ${BASE} AS Deps
-RUN make deps
-FROM deps as build
-RUN make \\
-    build
-FROM ${BASE}
-COPY --from=0 /d /d
-FROM build AS test
-RUN make test
-FROM ${BASE} AS runtime
-COPY --from=build /app /app
-";
-        assert_eq!(
-            intermediate_stages(dockerfile, None),
-            ["deps", "build", "test"]
-        );
-        assert_eq!(intermediate_stages(dockerfile, Some("BUILD")), ["deps"]);
-        assert_eq!(
-            intermediate_stages(dockerfile, Some("deps")),
-            Vec::<String>::new()
-        );
-        assert_eq!(
-            intermediate_stages(dockerfile, Some("nope")),
-            Vec::<String>::new()
-        );
-        assert_eq!(
-            intermediate_stages("FROM busybox\nRUN true\n", None),
-            Vec::<String>::new()
-        );
-        assert_eq!(
-            intermediate_stages("RUN before from\n", None),
-            Vec::<String>::new()
-        );
-    }
 }

@@ -6,7 +6,7 @@
 //! when BuildKit reports it `cached`: from its own cache, or from the inline cache metadata of an
 //! image listed in `cache_from`.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{HashMap, HashSet};
 
 use base64::Engine as _;
 use bollard_buildkit_proto::moby::buildkit::v1::StatusResponse;
@@ -150,10 +150,18 @@ impl Progress {
         steps
     }
 
-    /// Steps and cache hits.
-    pub(super) fn count(&self) -> Count {
+    /// Steps and cache hits of the steps not in `counted` (an earlier build of the same
+    /// service counted those), which are added to it.
+    pub(super) fn count_new(&self, counted: &mut HashSet<String>) -> Count {
         let mut count = Count::default();
         for (step, cached) in self.steps() {
+            if !counted.insert(format!(
+                "{}\0{}",
+                step.stage.unwrap_or(""),
+                step.instruction
+            )) {
+                continue;
+            }
             count.steps += 1;
             if is_from(step.instruction) {
                 count.from_steps += 1;
@@ -162,14 +170,6 @@ impl Progress {
             }
         }
         count
-    }
-
-    /// The stages that had steps in this build, lower-cased.
-    pub(super) fn stages(&self) -> BTreeSet<String> {
-        self.steps()
-            .into_iter()
-            .filter_map(|(s, _)| s.stage.map(str::to_ascii_lowercase))
-            .collect()
     }
 
     /// The failed step and the end of its output, for the error message.
@@ -236,7 +236,7 @@ mod tests {
     }
 
     #[test]
-    fn counts_steps_hits_and_stages_across_updates() {
+    fn counts_steps_and_hits_across_updates_and_builds() {
         let mut p = Progress::default();
         p.feed(
             "s",
@@ -259,17 +259,34 @@ mod tests {
             ),
         );
         p.feed("s", "not base64!");
+        let mut counted = HashSet::new();
         assert_eq!(
-            p.count(),
+            p.count_new(&mut counted),
             Count {
                 steps: 3,
                 from_steps: 1,
                 hits: 1
             }
         );
+        // A later build of the same service shows the stage again: not counted twice.
+        let mut later = Progress::default();
+        later.feed(
+            "s",
+            &trace(
+                vec![
+                    v("e1", "[deps 2/3] RUN make deps", true, true),
+                    v("e2", "[stage-1 3/3] COPY src /src", true, true),
+                ],
+                vec![],
+            ),
+        );
         assert_eq!(
-            p.stages().into_iter().collect::<Vec<_>>(),
-            ["deps", "stage-1"]
+            later.count_new(&mut counted),
+            Count {
+                steps: 1,
+                from_steps: 0,
+                hits: 1
+            }
         );
         assert_eq!(p.failure(), None);
     }
