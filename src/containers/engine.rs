@@ -8,21 +8,23 @@
 //!
 //! ## The builder decision
 //!
-//! deployd builds with BuildKit (`/build?version=2`) wherever the engine has it: the Dockerfiles
-//! people write use its syntax (`RUN --mount=type=cache`, `FROM --platform=$BUILDPLATFORM`,
-//! heredocs where the engine's Dockerfile frontend has them), and it rebuilds a code-only change
-//! several times faster than the classic builder. BuildKit takes cache from a *local* image listed
-//! in `cache_from` only when that image carries inline cache metadata, so deployd builds every
-//! image with `BUILDKIT_INLINE_CACHE=1` (see the build module); with that, unchanged steps hit
-//! after the builder cache was pruned. On the containerd image store BuildKit resolves
-//! `cache_from` references against a registry, so there only BuildKit's own cache serves (the
-//! decision says so).
+//! deployd builds with BuildKit (`/build?version=2`, the context in the request body, no
+//! session) wherever that works: the Dockerfiles people write use its syntax
+//! (`RUN --mount=type=cache`, `FROM --platform=$BUILDPLATFORM`, heredocs where the engine's
+//! Dockerfile frontend has them), and it rebuilds a code-only change several times faster than
+//! the classic builder. BuildKit takes cache from a *local* image listed in `cache_from` only when
+//! that image carries inline cache metadata, so deployd builds every image with
+//! `BUILDKIT_INLINE_CACHE=1` (see the build module); with that, unchanged steps hit after the
+//! builder cache was pruned.
 //!
-//! The classic builder (`version=1`) remains as the fallback where BuildKit is not available: an
-//! engine older than API 1.39 (Docker 18.09), a Windows engine, or an endpoint deployd cannot
-//! reach with its own requests (TLS or ssh `DOCKER_HOST`): the BuildKit progress that counts
-//! cache hits comes through those (see the socket module). [`BuilderDecision`] records which and
-//! why, and the log line "docker engine ready" carries it.
+//! The classic builder (`version=1`) remains as the fallback where that BuildKit build is not
+//! available: an engine older than API 1.39 (Docker 18.09), a Windows engine, an endpoint deployd
+//! cannot reach with its own requests (TLS or ssh `DOCKER_HOST`: the BuildKit progress that
+//! counts cache hits comes through those, see the socket module), and the containerd image store
+//! (the default of fresh Docker 29 installs): there BuildKit cannot read a context sent in the
+//! body (moby/moby#47717, open; measured on Docker 26.1 with the containerd snapshotter: "failed
+//! to read downloaded context"), and it would resolve `cache_from` against a registry anyway.
+//! [`BuilderDecision`] records which and why, and the log line "docker engine ready" carries it.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -110,11 +112,12 @@ fn decide_builder(f: &EngineFacts, endpoint: &Result<Endpoint, String>) -> Build
             "BuildKit's progress (cache hits) is read on a unix socket or plain tcp, not {why}"
         ));
     }
-    let cache = if f.containerd_store {
-        "the engine uses the containerd image store, where BuildKit resolves cache_from against a registry: unchanged steps are reused from BuildKit's own cache, not from the previous release's images after a builder prune"
-    } else {
-        "cache_from the previous release's images, built with inline cache metadata, so unchanged steps hit even after the builder cache is pruned"
-    };
+    if f.containerd_store {
+        return classic(
+            "the engine uses the containerd image store, where BuildKit cannot read a build context sent with the request (moby/moby#47717) and resolves cache_from against a registry".into(),
+        );
+    }
+    let cache = "cache_from the previous release's images, built with inline cache metadata, so unchanged steps hit even after the builder cache is pruned";
     BuilderDecision {
         builder: Builder::BuildKit,
         reason: format!(
@@ -318,8 +321,9 @@ mod tests {
         assert!(d.reason.contains("inline cache") && d.reason.contains("overlay2"));
         f.containerd_store = true;
         let d = decide_builder(&f, &unix);
-        assert_eq!(d.builder, Builder::BuildKit);
+        assert_eq!(d.builder, Builder::Classic);
         assert!(d.reason.contains("containerd image store"), "{}", d.reason);
+        f.containerd_store = false;
 
         let d = decide_builder(&f, &Err("DOCKER_HOST=ssh://me@host".into()));
         assert_eq!(d.builder, Builder::Classic);

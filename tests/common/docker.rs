@@ -33,6 +33,29 @@ pub fn sh(cmd: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// `docker builder prune -af` (and with `images`, `docker image prune -f`), as an operator frees
+/// space. The engine runs one prune at a time and other test runs may be pruning: retried.
+pub fn operator_prune(images: bool) {
+    for _ in 0..30 {
+        let out = Command::new("docker")
+            .args(["builder", "prune", "-af"])
+            .output()
+            .expect("spawn docker");
+        if out.status.success() {
+            break;
+        }
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("already running"),
+            "builder prune: {stderr}"
+        );
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    if images {
+        sh("docker image prune -f >/dev/null");
+    }
+}
+
 /// Make the base image once (idempotent across tests and runs): busybox-static plus symlinks.
 pub fn ensure_base_image() {
     static DONE: OnceLock<()> = OnceLock::new();
