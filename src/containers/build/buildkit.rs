@@ -107,16 +107,7 @@ impl Engine {
         // A step is counted by the first build that shows it: later builds show the earlier
         // stages' steps again, as hits of BuildKit's own cache.
         let mut counted = HashSet::new();
-        let builds = job
-            .stages
-            .iter()
-            .map(|s| (job.stage_image(s), Some(s.as_str()), true))
-            .chain(std::iter::once((
-                job.tag.clone(),
-                job.spec.target.as_deref(),
-                false,
-            )));
-        for (image, target, stage) in builds {
+        for (image, target, stage) in job.builds() {
             // Without cache every build runs with `nocache`: BuildKit's own cache may hold
             // older results for the later builds' steps.
             let run = BuildRun {

@@ -112,19 +112,10 @@ impl Engine {
         // Without cache, only the stages this deployment has just built are cache sources: the
         // first build runs with `nocache`, the later ones reuse nothing older than themselves.
         // The stages first, then the service's own image.
-        let builds = job
-            .stages
-            .iter()
-            .map(|s| (job.stage_image(s), Some(s.as_str()), true))
-            .chain(std::iter::once((
-                job.tag.clone(),
-                job.spec.target.as_deref(),
-                false,
-            )));
         let mut fresh: Vec<String> = Vec::new();
         let mut outcome = Outcome::default();
         let mut last_own = 0;
-        for (image, target, stage) in builds {
+        for (image, target, stage) in job.builds() {
             let sources = if job.no_cache {
                 fresh.clone()
             } else {

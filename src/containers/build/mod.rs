@@ -136,6 +136,19 @@ impl Job<'_> {
         stage_image(self.service, self.release.id, stage)
     }
 
+    /// The builds of the service, in order: each stage image (`target=<stage>`), then the
+    /// service's own image; as `(image, target, is a stage)`.
+    fn builds(&self) -> impl Iterator<Item = (String, Option<&str>, bool)> + '_ {
+        self.stages
+            .iter()
+            .map(|s| (self.stage_image(s), Some(s.as_str()), true))
+            .chain(std::iter::once((
+                self.tag.clone(),
+                self.spec.target.as_deref(),
+                false,
+            )))
+    }
+
     fn failed(&self, image: &str, message: String) -> ContainerError {
         ContainerError::BuildFailed {
             service: self.service.name.clone(),
