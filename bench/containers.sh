@@ -107,9 +107,10 @@ prune() { builder_prune; docker image prune -f >/dev/null; }
 build_deployd() {
   local name=$1 rel=$2 prev=${3:-} out t0 t1
   t0=$(ms)
-  if [ -n "$prev" ]; then out=$($BIN bench-$name $rel $WORK/$name/$rel $prev $WORK/$name/$prev $EXTRA 2>/dev/null)
-  else out=$($BIN bench-$name $rel $WORK/$name/$rel $EXTRA 2>/dev/null); fi
+  if [ -n "$prev" ]; then out=$($BIN bench-$name $rel $WORK/$name/$rel $prev $WORK/$name/$prev $EXTRA 2>$WORK/err)
+  else out=$($BIN bench-$name $rel $WORK/$name/$rel $EXTRA 2>$WORK/err); fi
   t1=$(ms)
+  [ -n "$out" ] || { echo "deployd build $name $rel failed: $(cat $WORK/err)" >&2; exit 1; }
   python3 -c 'import json,sys; d=json.loads(sys.argv[1]); print(sys.argv[2], d["hits"], d["cacheable"], d["ms"])' "$out" $((t1-t0))
 }
 build_deployd_classic() { EXTRA=--classic build_deployd "$@"; }
@@ -156,8 +157,9 @@ EXTRA=
 for name in $APPS; do
   kind=$name; [ $name = multistage ] && kind=heavy
   for r in r1 r2 r3; do make_app $name $kind "version $r" $WORK/$name/$r; done
-  for mode in $MODES; do
-    for round in $(seq 1 $ROUNDS); do
+  # Rounds outside, builders inside: every builder meets the same load on this shared machine.
+  for round in $(seq 1 $ROUNDS); do
+    for mode in $MODES; do
       reset bench-$name-app
       set -- $(build_$mode $name r1);      T[$name,$mode,cold]+="$1 "; T[$name,$mode,cold,hits]="$2/$3"
       set -- $(build_$mode $name r2 r1);   T[$name,$mode,code]+="$1 "; T[$name,$mode,code,hits]="$2/$3"

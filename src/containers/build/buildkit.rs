@@ -34,18 +34,23 @@ use crate::containers::socket::{Endpoint, Lines, read_short, streaming_request};
 /// concurrent builds share steps (moby/moby#42414, moby/buildkit#2303; fixed by
 /// moby/buildkit#3953): this happened on Docker 20.10 when two deployments of the same fixture
 /// built at once. One deployd per host builds one service at a time anyway; the lock covers
-/// several deployd processes (and test processes) on one engine.
+/// several deployd processes (and test processes) on one engine. Where `/run/lock` is read-only
+/// (the systemd unit's `ProtectSystem=strict`), the lock file is in the temporary directory.
 const HOST_BUILD_LOCK: &str = "/run/lock/deployd-buildkit.lock";
 
-/// Take [`HOST_BUILD_LOCK`], waiting for another build to end; `None` (and a warning) when the
-/// lock file cannot be used, in which case the build goes ahead unserialised.
+/// Take the host build lock, waiting for another build to end; `None` (and a warning) when no
+/// lock file can be used, in which case the build goes ahead unserialised.
 async fn host_build_lock(service: &str) -> Option<Flock<File>> {
-    let take = || {
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(HOST_BUILD_LOCK)?;
+    let fallback = std::env::temp_dir().join("deployd-buildkit.lock");
+    let take = move || {
+        let open = |path: &std::path::Path| {
+            OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(path)
+        };
+        let file = open(std::path::Path::new(HOST_BUILD_LOCK)).or_else(|_| open(&fallback))?;
         Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, errno)| errno.into())
     };
     let taken: std::io::Result<Flock<File>> = match tokio::task::spawn_blocking(take).await {
@@ -159,17 +164,17 @@ impl Engine {
             action: format!("sending the build context of service `{service}`"),
             message: e.to_string(),
         });
-        let failed = !matches!(answer, Answer::Done { error: None, .. });
-        // An engine that went away explains everything after it (the context writer then fails
-        // with "build aborted"); otherwise a context that could not be read explains a failed
-        // build better than the engine does.
+        // An engine that went away explains everything after it; a context that could not be
+        // read explains a failed build better than the engine does, unless the writer only
+        // stopped because the engine stopped reading ("build aborted").
         if let Answer::Lost(message) = answer {
             return Err(ContainerError::EngineLost { action, message });
         }
         match written {
-            Ok(Err(e)) => return Err(e),
-            Err(e) if failed => return Err(e),
-            _ => {}
+            Ok(Err(ContainerError::ReadFile { source, .. }))
+                if source.kind() == std::io::ErrorKind::BrokenPipe => {}
+            Ok(Err(e)) | Err(e) => return Err(e),
+            Ok(Ok(_)) => {}
         }
         match answer {
             Answer::Lost(message) => Err(ContainerError::EngineLost { action, message }),
