@@ -1,6 +1,7 @@
 //! Build one release with deployd's container stage and print what it did as one JSON line:
-//! `containers_build PROJECT RELEASE_ID DIR [PREV_ID PREV_DIR] [--force]`. Used by
-//! `bench/containers.sh` to compare deployd's builds with the Docker CLI.
+//! `containers_build PROJECT RELEASE_ID DIR [PREV_ID PREV_DIR] [--force] [--classic]`
+//! (`--classic`: the classic builder instead of the one decided from the engine). Used by
+//! `bench/containers.sh` to compare deployd's builds with the Docker CLI and BuildKit.
 
 // A developer tool: a panic with the error is its error report.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stderr)]
@@ -10,16 +11,24 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use deployd::config::ContainersConfig;
-use deployd::containers::{Engine, ReleaseRef};
+use deployd::containers::{Builder, Engine, ReleaseRef};
 use deployd::error::ExitCode;
 
 #[tokio::main]
 async fn main() {
+    // RUST_LOG=deployd=debug shows every build step and whether it was a cache hit.
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
     let mut args: Vec<String> = std::env::args().skip(1).collect();
     let force = args.iter().any(|a| a == "--force");
-    args.retain(|a| a != "--force");
+    let classic = args.iter().any(|a| a == "--classic");
+    args.retain(|a| a != "--force" && a != "--classic");
     if args.len() != 3 && args.len() != 5 {
-        eprintln!("usage: containers_build PROJECT RELEASE_ID DIR [PREV_ID PREV_DIR] [--force]");
+        eprintln!(
+            "usage: containers_build PROJECT RELEASE_ID DIR [PREV_ID PREV_DIR] [--force] [--classic]"
+        );
         std::process::exit(64);
     }
     let dir = PathBuf::from(&args[2]);
@@ -34,7 +43,7 @@ async fn main() {
         dir: d,
         commit: Some("benchcommit"),
     });
-    let code = match run(&args[0], &release, previous.as_ref(), force).await {
+    let code = match run(&args[0], &release, previous.as_ref(), force, classic).await {
         Ok(()) => 0,
         Err(e) => {
             eprintln!("{e}");
@@ -49,8 +58,12 @@ async fn run(
     release: &ReleaseRef<'_>,
     previous: Option<&ReleaseRef<'_>>,
     force: bool,
+    classic: bool,
 ) -> Result<(), deployd::containers::ContainerError> {
-    let engine = Engine::connect(Duration::from_secs(10)).await?;
+    let mut engine = Engine::connect(Duration::from_secs(10)).await?;
+    if classic {
+        engine = engine.with_builder(Builder::Classic);
+    }
     let settings = ContainersConfig::default();
     let p = Engine::load_project(project, release, &BTreeMap::new(), &settings)?;
     let started = Instant::now();

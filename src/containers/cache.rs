@@ -87,11 +87,7 @@ impl Engine {
             .iter()
             .filter(|d| d.deleted.is_some())
             .count();
-        let build = self
-            .docker
-            .prune_build(Some(PruneBuildOptionsBuilder::new().all(true).build()))
-            .await
-            .map_err(|e| ContainerError::engine("pruning the builder cache", e))?;
+        let build = self.prune_builder_cache().await?;
         report.build_cache_reclaimed = build
             .space_reclaimed
             .and_then(|s| u64::try_from(s).ok())
@@ -119,6 +115,33 @@ impl Engine {
             "caches cleared"
         );
         Ok(report)
+    }
+
+    /// Prune the whole builder cache. The engine runs one prune at a time and refuses a second
+    /// ("a prune operation is already running"): that one is waited for, up to a minute.
+    async fn prune_builder_cache(
+        &self,
+    ) -> Result<bollard::models::BuildPruneResponse, ContainerError> {
+        let mut waited = 0;
+        loop {
+            match self
+                .docker
+                .prune_build(Some(PruneBuildOptionsBuilder::new().all(true).build()))
+                .await
+            {
+                Err(bollard::errors::Error::DockerResponseServerError { message, .. })
+                    if message.contains("already running") && waited < 30 =>
+                {
+                    waited += 1;
+                    tracing::info!(%message, "waiting for another builder cache prune");
+                    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+                }
+                result => {
+                    return result
+                        .map_err(|e| ContainerError::engine("pruning the builder cache", e));
+                }
+            }
+        }
     }
 
     /// Remove images of releases not in `keep_release_ids` and the project's dangling images;

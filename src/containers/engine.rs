@@ -8,19 +8,23 @@
 //!
 //! ## The builder decision
 //!
-//! deployd relies on `cache_from` with the previous release's image so that a code-only change
-//! rebuilds in seconds even after the builder cache was pruned. What each builder does with a
-//! *local* image listed in `cache_from`:
+//! deployd builds with BuildKit (`/build?version=2`, the context in the request body, no
+//! session) wherever that works: the Dockerfiles people write use its syntax
+//! (`RUN --mount=type=cache`, `FROM --platform=$BUILDPLATFORM`, heredocs where the engine's
+//! Dockerfile frontend has them), and it rebuilds a code-only change several times faster than
+//! the classic builder. BuildKit takes cache from a *local* image listed in `cache_from` only when
+//! that image carries inline cache metadata, so deployd builds every image with
+//! `BUILDKIT_INLINE_CACHE=1` (see the build module); with that, unchanged steps hit after the
+//! builder cache was pruned.
 //!
-//! - the classic builder (`/build?version=1`) uses it as a cache source from its image history
-//!   alone, on both image stores, with no metadata in the image, even when the image was built by
-//!   someone else or loaded without its parent chain;
-//! - BuildKit (`version=2`) hits only when that image carries inline cache metadata
-//!   (`BUILDKIT_INLINE_CACHE=1` at its build) and the engine uses the graphdriver image store; on
-//!   the containerd image store it resolves the reference against a registry. Misses are silent.
-//!
-//! So deployd uses the classic builder on every engine that has it, whatever the engine's default
-//! builder (`Builder-Version` header of `_ping`) is, and records why in [`BuilderDecision`].
+//! The classic builder (`version=1`) remains as the fallback where that BuildKit build is not
+//! available: an engine older than API 1.39 (Docker 18.09), a Windows engine, an endpoint deployd
+//! cannot reach with its own requests (TLS or ssh `DOCKER_HOST`: the BuildKit progress that
+//! counts cache hits comes through those, see the socket module), and the containerd image store
+//! (the default of fresh Docker 29 installs): there BuildKit cannot read a context sent in the
+//! body (moby/moby#47717, open; measured on Docker 26.1 with the containerd snapshotter: "failed
+//! to read downloaded context"), and it would resolve `cache_from` against a registry anyway.
+//! [`BuilderDecision`] records which and why, and the log line "docker engine ready" carries it.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -30,11 +34,15 @@ use backon::{ExponentialBuilder, Retryable};
 use bollard::Docker;
 
 use super::error::ContainerError;
+use super::socket::{Endpoint, Lines, empty_request};
 
 /// How long the engine may take to answer one request, unless `[containers] engine_timeout`
 /// says otherwise (a build's answer starts once its context is uploaded; its output then
 /// streams for as long as the build runs).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long one BuildKit build request may stream its progress (the build stage as a whole is
+/// bounded by `[containers] build_timeout`).
+pub(crate) const BUILD_REQUEST_TIMEOUT: Duration = Duration::from_secs(3600);
 /// How long one startup ping may take before it counts as a failed attempt.
 const PING_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -58,7 +66,7 @@ pub struct EngineFacts {
 /// Which builder deployd uses and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BuilderDecision {
-    /// Always the classic builder today (see the module docs).
+    /// BuildKit where the engine has it, else the classic builder (see the module docs).
     pub builder: Builder,
     /// Why, in one sentence (logged when the engine is ready).
     pub reason: String,
@@ -67,30 +75,60 @@ pub struct BuilderDecision {
 /// The engine's builders.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Builder {
-    /// `/build?version=1`: local images are cache sources.
+    /// `/build?version=2` with inline cache metadata in every image.
+    BuildKit,
+    /// `/build?version=1`: local images are cache sources by their history.
     Classic,
 }
 
-/// Decide the builder from what the engine is.
-fn decide_builder(f: &EngineFacts) -> BuilderDecision {
+/// The oldest API version with BuildKit (Docker 18.09).
+const BUILDKIT_MIN_API: (u32, u32) = (1, 39);
+
+/// `1.41` as `(1, 41)`; `None` when it does not parse.
+fn api_version(v: &str) -> Option<(u32, u32)> {
+    let (major, minor) = v.split_once('.')?;
+    Some((major.parse().ok()?, minor.parse().ok()?))
+}
+
+/// Decide the builder from what the engine is and how deployd reaches it.
+fn decide_builder(f: &EngineFacts, endpoint: &Result<Endpoint, String>) -> BuilderDecision {
     let default = match f.default_builder.as_deref() {
         Some("2") => "BuildKit",
         Some("1") => "classic",
         _ => "unknown",
     };
-    let reason = if f.containerd_store {
-        format!(
-            "classic builder: the engine uses the containerd image store, where BuildKit resolves cache_from against a registry, so a local previous-release image would never be a cache source (engine default builder: {default})"
-        )
-    } else {
-        format!(
-            "classic builder: with the {} graphdriver it takes cache_from from local images by their history alone, while BuildKit would need inline cache metadata in every previous image and misses silently without it (engine default builder: {default})",
-            f.storage_driver
-        )
-    };
-    BuilderDecision {
+    let classic = |why: String| BuilderDecision {
         builder: Builder::Classic,
-        reason,
+        reason: format!(
+            "classic builder: {why}, so BuildKit-only Dockerfile syntax (RUN --mount, heredocs) will not build (engine default builder: {default})"
+        ),
+    };
+    if f.os_type == "windows" {
+        return classic("the engine runs Windows containers, which BuildKit does not build".into());
+    }
+    if api_version(&f.api_version).is_none_or(|v| v < BUILDKIT_MIN_API) {
+        return classic(format!(
+            "the engine speaks API {}, older than BuildKit (1.39, Docker 18.09)",
+            f.api_version
+        ));
+    }
+    if let Err(why) = endpoint {
+        return classic(format!(
+            "BuildKit's progress (cache hits) is read on a unix socket or plain tcp, not {why}"
+        ));
+    }
+    if f.containerd_store {
+        return classic(
+            "the engine uses the containerd image store, where BuildKit cannot read a build context sent with the request (moby/moby#47717) and resolves cache_from against a registry".into(),
+        );
+    }
+    let cache = "cache_from the previous release's images, built with inline cache metadata, so unchanged steps hit even after the builder cache is pruned";
+    BuilderDecision {
+        builder: Builder::BuildKit,
+        reason: format!(
+            "BuildKit (engine {}, API {}, {}): {cache} (engine default builder: {default})",
+            f.server_version, f.api_version, f.storage_driver
+        ),
     }
 }
 
@@ -102,6 +140,8 @@ pub struct Engine {
     pub(crate) decision: BuilderDecision,
     /// Told about each build step (see [`Engine::with_step_hook`]).
     pub(crate) on_step: super::build::StepHook,
+    /// How deployd's own requests (BuildKit builds) reach the engine.
+    pub(crate) endpoint: Option<Endpoint>,
 }
 
 impl Engine {
@@ -181,13 +221,15 @@ impl Engine {
             .negotiate_version()
             .await
             .map_err(|e| ContainerError::engine("negotiating the API version", e))?;
-        let facts = read_facts(&docker, socket).await?;
-        let decision = decide_builder(&facts);
+        let endpoint = Endpoint::resolve(socket);
+        let facts = read_facts(&docker, endpoint.as_ref().ok()).await?;
+        let decision = decide_builder(&facts, &endpoint);
         tracing::info!(
             server_version = %facts.server_version,
             api_version = %facts.api_version,
             storage_driver = %facts.storage_driver,
             containerd_store = facts.containerd_store,
+            builder = ?decision.builder,
             reason = %decision.reason,
             "docker engine ready"
         );
@@ -196,6 +238,7 @@ impl Engine {
             facts,
             decision,
             on_step: Default::default(),
+            endpoint: endpoint.ok(),
         })
     }
 
@@ -208,9 +251,24 @@ impl Engine {
     pub fn builder_decision(&self) -> &BuilderDecision {
         &self.decision
     }
+
+    /// Build with `builder` instead of the one decided from the engine: for comparisons in tests
+    /// and benchmarks. deployd itself always builds with what [`Engine::connect`] decided.
+    pub fn with_builder(mut self, builder: Builder) -> Engine {
+        if builder != self.decision.builder {
+            self.decision = BuilderDecision {
+                builder,
+                reason: format!("{builder:?} builder, chosen by the caller"),
+            };
+        }
+        self
+    }
 }
 
-async fn read_facts(docker: &Docker, socket: Option<&Path>) -> Result<EngineFacts, ContainerError> {
+async fn read_facts(
+    docker: &Docker,
+    endpoint: Option<&Endpoint>,
+) -> Result<EngineFacts, ContainerError> {
     let info = docker
         .info()
         .await
@@ -231,7 +289,10 @@ async fn read_facts(docker: &Docker, socket: Option<&Path>) -> Result<EngineFact
     let containerd_store = driver_status
         .get("driver-type")
         .is_some_and(|t| t.contains("containerd.snapshotter"));
-    let headers = ping_headers(socket).await;
+    let headers = match endpoint {
+        Some(e) => ping_headers(e).await,
+        None => BTreeMap::new(),
+    };
     Ok(EngineFacts {
         server_version: info.server_version.unwrap_or_default(),
         api_version: version.api_version.unwrap_or_default(),
@@ -242,38 +303,28 @@ async fn read_facts(docker: &Docker, socket: Option<&Path>) -> Result<EngineFact
     })
 }
 
-/// Headers of `GET /_ping` on the local unix socket (bollard's `ping` returns only the body).
-/// Empty when the engine is not on a local socket or does not answer.
-async fn ping_headers(socket: Option<&Path>) -> BTreeMap<String, String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let path = match (socket, std::env::var("DOCKER_HOST")) {
-        (Some(p), _) => p.to_string_lossy().into_owned(),
-        (None, Ok(h)) => match h.strip_prefix("unix://") {
-            Some(p) => p.to_string(),
-            None => return BTreeMap::new(),
-        },
-        (None, Err(_)) => "/var/run/docker.sock".to_string(),
-    };
+/// Headers of `GET /_ping` (bollard's `ping` returns only the body); empty when the engine
+/// does not answer.
+async fn ping_headers(endpoint: &Endpoint) -> BTreeMap<String, String> {
     let fetch = async {
-        let mut s = tokio::net::UnixStream::connect(&path).await?;
-        s.write_all(b"GET /_ping HTTP/1.0\r\nHost: docker\r\n\r\n")
-            .await?;
-        let mut buf = Vec::new();
-        s.read_to_end(&mut buf).await?;
-        Ok::<_, std::io::Error>(buf)
+        let response = endpoint.send(empty_request("GET", "/_ping")?).await?;
+        let headers = response
+            .headers()
+            .iter()
+            .map(|(k, v)| {
+                let value = String::from_utf8_lossy(v.as_bytes()).into_owned();
+                (k.as_str().to_ascii_lowercase(), value)
+            })
+            .collect();
+        // Read the short body so the connection ends cleanly.
+        let mut body = Lines::new(response.into_body());
+        while let Some(Ok(_)) = body.next().await {}
+        Ok::<_, std::io::Error>(headers)
     };
-    let Ok(Ok(buf)) = tokio::time::timeout(PING_TIMEOUT, fetch).await else {
-        return BTreeMap::new();
-    };
-    String::from_utf8_lossy(&buf)
-        .split("\r\n\r\n")
-        .next()
-        .unwrap_or_default()
-        .lines()
-        .skip(1)
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
-        .collect()
+    match tokio::time::timeout(PING_TIMEOUT, fetch).await {
+        Ok(Ok(headers)) => headers,
+        _ => BTreeMap::new(),
+    }
 }
 
 #[cfg(test)]
@@ -281,16 +332,34 @@ mod tests {
     use super::*;
 
     #[test]
-    fn decision_names_the_store() {
+    fn buildkit_where_the_engine_has_it_else_classic_with_the_reason() {
+        let unix = Ok(Endpoint::Unix("/var/run/docker.sock".into()));
         let mut f = EngineFacts {
+            server_version: "20.10.24".into(),
+            api_version: "1.41".into(),
+            os_type: "linux".into(),
             storage_driver: "overlay2".into(),
-            default_builder: Some("2".into()),
+            default_builder: Some("1".into()),
             ..Default::default()
         };
-        let d = decide_builder(&f);
-        assert_eq!(d.builder, Builder::Classic);
-        assert!(d.reason.contains("overlay2") && d.reason.contains("BuildKit"));
+        let d = decide_builder(&f, &unix);
+        assert_eq!(d.builder, Builder::BuildKit);
+        assert!(d.reason.contains("inline cache") && d.reason.contains("overlay2"));
         f.containerd_store = true;
-        assert!(decide_builder(&f).reason.contains("containerd image store"));
+        let d = decide_builder(&f, &unix);
+        assert_eq!(d.builder, Builder::Classic);
+        assert!(d.reason.contains("containerd image store"), "{}", d.reason);
+        f.containerd_store = false;
+
+        let d = decide_builder(&f, &Err("DOCKER_HOST=ssh://me@host".into()));
+        assert_eq!(d.builder, Builder::Classic);
+        assert!(d.reason.contains("ssh://me@host"), "{}", d.reason);
+        f.api_version = "1.38".into();
+        let d = decide_builder(&f, &unix);
+        assert_eq!(d.builder, Builder::Classic);
+        assert!(d.reason.contains("API 1.38"), "{}", d.reason);
+        f.api_version = "1.41".into();
+        f.os_type = "windows".into();
+        assert_eq!(decide_builder(&f, &unix).builder, Builder::Classic);
     }
 }

@@ -1,5 +1,6 @@
 //! Errors of the container stage, each naming what was being acted on and mapping to a sysexits
-//! exit code: 65 for a bad compose file or a failed build, 69 for an engine that does not answer,
+//! exit code: 65 for a bad compose file or a Dockerfile that does not build, 69 for an engine that
+//! does not answer (at startup or in the middle of a build),
 //! 75 for a release that did not become healthy (and was rolled back), 70 for everything else.
 
 use std::path::PathBuf;
@@ -142,6 +143,16 @@ pub enum ContainerError {
         /// The last attempt's error.
         message: String,
     },
+    /// The engine stopped answering in the middle of a request (a build): not the release's fault.
+    #[error(
+        "the Docker engine stopped answering while {action} ({message}); check that it runs (systemctl status docker)"
+    )]
+    EngineLost {
+        /// What deployd was doing.
+        action: String,
+        /// What broke.
+        message: String,
+    },
     /// An engine call failed.
     #[error("Docker engine call failed while {action}: {source}")]
     Engine {
@@ -258,7 +269,9 @@ impl ExitCode for ContainerError {
             | Self::Interpolation { .. }
             | Self::BuildFailed { .. } => exit::DATAERR,
             Self::ComposeRead { .. } | Self::ReadFile { .. } => exit::DATAERR,
-            Self::EngineUnavailable { .. } | Self::BuildTimeout { .. } => exit::UNAVAILABLE,
+            Self::EngineUnavailable { .. }
+            | Self::EngineLost { .. }
+            | Self::BuildTimeout { .. } => exit::UNAVAILABLE,
             Self::StartFailed { unavailable, .. } => {
                 if *unavailable {
                     exit::UNAVAILABLE
@@ -288,7 +301,8 @@ impl ContainerError {
     }
 }
 
-/// Whether a bollard error means the engine could not be reached at all.
+/// Whether a bollard error means the engine could not be reached at all (the HTTP client's
+/// transport errors: no socket, refused, reset, timed out).
 pub(crate) fn is_connection_error(e: &bollard::errors::Error) -> bool {
     use bollard::errors::Error as E;
     matches!(

@@ -8,8 +8,9 @@
 //!    the compose module; any other key is an error naming the service, the key and why, exit 65),
 //!    interpolates variables from the release's `.env` and the environment file, and refuses
 //!    what would leave the app's boundary. No engine call, nothing built.
-//! 2. [`Engine::build`] builds every service with `build:` with the classic builder, `cache_from`
-//!    the previous release's image, and reports cache hits per service. A failed build stops here:
+//! 2. [`Engine::build`] builds every service with `build:` with BuildKit (the classic builder where
+//!    the engine has none), `cache_from` the previous release's images, and reports cache hits per
+//!    service. A failed build stops here:
 //!    nothing has been stopped, the serving release keeps serving.
 //! 3. [`Engine::up`] recreates only the services whose image or configuration changed, in
 //!    `depends_on` order, waits for each to be healthy (or, for a one-shot job, to exit 0), and on
@@ -39,6 +40,7 @@ pub mod context;
 pub(crate) mod engine;
 pub(crate) mod error;
 pub(crate) mod run;
+pub(crate) mod socket;
 
 pub use build::{BuildReport, OnStep, ServiceBuild};
 pub use cache::ClearReport;

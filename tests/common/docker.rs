@@ -33,6 +33,29 @@ pub fn sh(cmd: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// `docker builder prune -af` (and with `images`, `docker image prune -f`), as an operator frees
+/// space. The engine runs one prune at a time and other test runs may be pruning: retried.
+pub fn operator_prune(images: bool) {
+    for _ in 0..30 {
+        let out = Command::new("docker")
+            .args(["builder", "prune", "-af"])
+            .output()
+            .expect("spawn docker");
+        if out.status.success() {
+            break;
+        }
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("already running"),
+            "builder prune: {stderr}"
+        );
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    if images {
+        sh("docker image prune -f >/dev/null");
+    }
+}
+
 /// Make the base image once (idempotent across tests and runs): busybox-static plus symlinks.
 pub fn ensure_base_image() {
     static DONE: OnceLock<()> = OnceLock::new();
@@ -171,6 +194,10 @@ pub struct Variant {
     pub multistage: bool,
     /// The dependency manifest the multi-stage `deps` stage installs (served at `/deps`).
     pub deps: String,
+    /// Build the backend from a two-stage Dockerfile in BuildKit syntax instead:
+    /// `FROM --platform=$BUILDPLATFORM ... AS build`, `RUN --mount=type=cache` and `type=bind`,
+    /// `COPY --from=build`.
+    pub buildkit_syntax: bool,
 }
 
 impl Variant {
@@ -183,6 +210,7 @@ impl Variant {
             frontend: false,
             multistage: false,
             deps: "left-pad@1.3.0".into(),
+            buildkit_syntax: false,
         }
     }
 }
@@ -243,6 +271,29 @@ impl App {
                  RUN mkdir -p /www && echo base > /www/base.txt\n\
                  COPY static/ /www/static/\n\
                  COPY --from=deps /deps/installed /www/deps\n\
+                 COPY --from=build /app.bin /www/version\n\
+                 {extra}\
+                 ARG GIT_COMMIT_HASH=unknown\n\
+                 RUN echo \"$GIT_COMMIT_HASH\" > /www/commit\n\
+                 CMD [\"httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/www\"]\n",
+                extra = v.extra_dockerfile
+            )
+        } else if v.buildkit_syntax {
+            std::fs::write(dir.join("deps.txt"), format!("{}\n", v.deps)).unwrap();
+            format!(
+                "FROM --platform=$BUILDPLATFORM {BASE_IMAGE} AS build\n\
+                 ARG TARGETPLATFORM\n\
+                 RUN --mount=type=cache,target=/cache echo \"$TARGETPLATFORM\" > /platform && touch /cache/seen\n\
+                 COPY deps.txt /deps/\n\
+                 RUN --mount=type=cache,target=/cache --mount=type=bind,source=deps.txt,target=/mnt/deps.txt \
+                     cat /mnt/deps.txt > /installed && ls /cache > /cache-seen\n\
+                 COPY app/ /src/\n\
+                 RUN cat /src/version > /app.bin\n\
+                 FROM {BASE_IMAGE}\n\
+                 RUN mkdir -p /www && echo base > /www/base.txt\n\
+                 COPY static/ /www/static/\n\
+                 COPY --from=build /installed /www/deps\n\
+                 COPY --from=build /platform /cache-seen /www/\n\
                  COPY --from=build /app.bin /www/version\n\
                  {extra}\
                  ARG GIT_COMMIT_HASH=unknown\n\
@@ -411,6 +462,45 @@ pub type Deployed = Result<
     ),
     deployd::containers::ContainerError,
 >;
+
+/// A unix socket relaying every connection to the engine's socket: a way to take the engine
+/// away from a connected [`Engine`] (drop it, and connections to its path fail).
+pub struct EngineRelay {
+    pub socket: PathBuf,
+    _dir: tempfile::TempDir,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl EngineRelay {
+    pub fn start() -> EngineRelay {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("docker.sock");
+        let listener = tokio::net::UnixListener::bind(&socket).unwrap();
+        let task = tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    if let Ok(mut engine) =
+                        tokio::net::UnixStream::connect("/var/run/docker.sock").await
+                    {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut engine).await;
+                    }
+                });
+            }
+        });
+        EngineRelay {
+            socket,
+            _dir: dir,
+            task,
+        }
+    }
+}
+
+impl Drop for EngineRelay {
+    fn drop(&mut self) {
+        self.task.abort();
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
 
 /// Build then start a release, as the agent does.
 pub async fn deploy(
