@@ -49,30 +49,23 @@ pub(super) async fn dispatch(cli: Cli, output: Output) -> Result<i32, Failure> {
             agent.run(agent::shutdown_signal()?).await?;
             Ok(exit::OK)
         }
-        Command::Trigger {
-            bucket,
-            key,
-            force_rebuild,
-            clear_cache,
-            reason,
-            allow_downgrade,
-        } => {
+        Command::Trigger(args) => {
             let env = EnvFile::load(&cfg.environment_file)?;
-            let bucket = match (bucket, &key) {
+            let bucket = match (args.bucket, &args.key) {
                 (Some(b), _) => Some(b),
                 (None, Some(_)) => Some(source::default_bucket(&cfg, &env)?),
                 (None, None) => None,
             };
             let trigger = Trigger {
                 bucket,
-                key,
-                force_rebuild,
-                clear_cache,
-                reason,
-                allow_downgrade,
+                key: args.key,
+                force_rebuild: args.force_rebuild,
+                clear_cache: args.clear_cache,
+                reason: args.reason,
+                allow_downgrade: args.allow_downgrade,
                 origin: TriggerOrigin::File(PathBuf::new()),
             };
-            if allow_downgrade && !nix::unistd::geteuid().is_root() {
+            if trigger.allow_downgrade && !nix::unistd::geteuid().is_root() {
                 return Err(Failure {
                     code: exit::USAGE,
                     message: "--allow-downgrade needs root: the daemon honours it only in trigger files root owns".into(),

@@ -42,26 +42,7 @@ pub(crate) enum Command {
     /// The daemon (systemd's ExecStart): deploy at startup, then on SIGHUP and trigger files.
     Run,
     /// Ask the running daemon to redeploy by dropping a trigger file.
-    Trigger {
-        /// Deploy this bucket (with --key) instead of the configured source.
-        #[arg(long, requires = "key")]
-        bucket: Option<String>,
-        /// Deploy this key (bucket: --bucket, else DEPLOYMENT_BUCKET, else [source] bucket).
-        #[arg(long)]
-        key: Option<String>,
-        /// Rebuild container images without cache.
-        #[arg(long)]
-        force_rebuild: bool,
-        /// Remove the project's images and builder cache first.
-        #[arg(long)]
-        clear_cache: bool,
-        /// Why, for the log and the status.
-        #[arg(long)]
-        reason: Option<String>,
-        /// Accept a signed release older than the newest accepted (honoured from root only).
-        #[arg(long)]
-        allow_downgrade: bool,
-    },
+    Trigger(TriggerArgs),
     /// Deploy now, in the foreground, and exit with the result.
     Deploy {
         /// Bucket to deploy from (with --key), overriding the configured source.
@@ -193,4 +174,27 @@ pub fn main() -> i32 {
             f.code
         }
     }
+}
+
+/// `deployd trigger`: what the trigger file asks of the daemon.
+#[derive(Debug, clap::Args)]
+pub struct TriggerArgs {
+    /// Deploy this bucket (with --key) instead of the configured source.
+    #[arg(long, requires = "key")]
+    pub bucket: Option<String>,
+    /// Deploy this key (bucket: --bucket, else DEPLOYMENT_BUCKET, else [source] bucket).
+    #[arg(long)]
+    pub key: Option<String>,
+    /// Rebuild container images without cache.
+    #[arg(long)]
+    pub force_rebuild: bool,
+    /// Remove the project's images and builder cache first.
+    #[arg(long)]
+    pub clear_cache: bool,
+    /// Why, for the log and the status.
+    #[arg(long)]
+    pub reason: Option<String>,
+    /// Accept a signed release older than the newest accepted (honoured from root only).
+    #[arg(long)]
+    pub allow_downgrade: bool,
 }

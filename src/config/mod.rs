@@ -558,20 +558,21 @@ mod tests {
 
     #[test]
     fn bad_duration_and_size_are_named() {
-        let msg = parse("[source]\nwait_for_artifact = \"5 parsecs\"\n")
-            .unwrap_err()
-            .to_string();
-        assert!(
-            msg.contains("source.wait_for_artifact") && msg.contains("invalid duration"),
-            "{msg}"
-        );
-        let msg = parse("[unpack]\nmax_bytes = \"lots\"\n")
-            .unwrap_err()
-            .to_string();
-        assert!(
-            msg.contains("unpack.max_bytes") && msg.contains("invalid size"),
-            "{msg}"
-        );
+        for (toml, key, why) in [
+            (
+                "[source]\nwait_for_artifact = \"5 parsecs\"\n",
+                "source.wait_for_artifact",
+                "invalid duration",
+            ),
+            (
+                "[unpack]\nmax_bytes = \"lots\"\n",
+                "unpack.max_bytes",
+                "invalid size",
+            ),
+        ] {
+            let msg = parse(toml).unwrap_err().to_string();
+            assert!(msg.contains(key) && msg.contains(why), "{msg}");
+        }
         let c = parse("[unpack]\nmax_bytes = \"512MiB\"\nmax_entries = 10\n").unwrap();
         assert_eq!(c.unpack.max_bytes.0, 512 << 20);
     }

@@ -147,8 +147,13 @@ impl Deployer {
         let mut progress = |done: u64| self.reporter.progress(done, size);
         let mut verifier = signed.verifier()?;
         let mut observe = |chunk: &[u8]| verifier.update(chunk);
+        let sink = fetch::Sink {
+            tx,
+            progress: &mut progress,
+            observe: &mut observe,
+        };
         let fetched = tokio::select! {
-            r = fetch::download_observed(&self.s3, v, self.fetch_timeouts(), tx, &mut progress, &mut observe) => Some(r),
+            r = fetch::download_observed(&self.s3, v, self.fetch_timeouts(), sink) => Some(r),
             _ = self.cancelled() => None,
         };
         let written = writer

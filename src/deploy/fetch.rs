@@ -113,44 +113,57 @@ pub async fn download(
     tx: mpsc::Sender<Chunk>,
     progress: &mut (dyn FnMut(u64) + Send),
 ) -> Result<Downloaded, FetchError> {
-    download_observed(s3, v, timeouts, tx, progress, &mut |_| {}).await
+    let sink = Sink {
+        tx,
+        progress,
+        observe: &mut |_| {},
+    };
+    download_observed(s3, v, timeouts, sink).await
 }
 
-/// [`download`], also handing every byte, in order and exactly once, to `observe` (a
+/// [`download`], also handing every byte, in order and exactly once, to `sink.observe` (a
 /// signature verifier, for example) as it is hashed.
 pub async fn download_observed(
     s3: &Client,
     v: &Verified,
     timeouts: Timeouts,
-    tx: mpsc::Sender<Chunk>,
-    progress: &mut (dyn FnMut(u64) + Send),
-    observe: &mut (dyn FnMut(&[u8]) + Send),
+    sink: Sink<'_>,
 ) -> Result<Downloaded, FetchError> {
     let deadline = timeouts.deadline;
-    tokio::time::timeout(
-        deadline,
-        download_within(s3, v, timeouts.read, tx, progress, observe),
-    )
-    .await
-    .unwrap_or_else(|_| {
-        Err(FetchError::Unavailable {
-            object: v.object.clone(),
-            reason: format!(
-                "it did not finish within {} ([s3] download_deadline)",
-                humantime::format_duration(deadline)
-            ),
+    tokio::time::timeout(deadline, download_within(s3, v, timeouts.read, sink))
+        .await
+        .unwrap_or_else(|_| {
+            Err(FetchError::Unavailable {
+                object: v.object.clone(),
+                reason: format!(
+                    "it did not finish within {} ([s3] download_deadline)",
+                    humantime::format_duration(deadline)
+                ),
+            })
         })
-    })
+}
+
+/// Where downloaded bytes go: the unpacker's channel, the progress display, an observer.
+pub struct Sink<'a> {
+    /// The unpacker's (or spool's) channel.
+    pub tx: mpsc::Sender<Chunk>,
+    /// Called with the bytes received so far.
+    pub progress: &'a mut (dyn FnMut(u64) + Send),
+    /// Called with every chunk, in order, exactly once.
+    pub observe: &'a mut (dyn FnMut(&[u8]) + Send),
 }
 
 async fn download_within(
     s3: &Client,
     v: &Verified,
     read_timeout: Duration,
-    tx: mpsc::Sender<Chunk>,
-    progress: &mut (dyn FnMut(u64) + Send),
-    observe: &mut (dyn FnMut(&[u8]) + Send),
+    sink: Sink<'_>,
 ) -> Result<Downloaded, FetchError> {
+    let Sink {
+        tx,
+        progress,
+        observe,
+    } = sink;
     let unavailable = |reason: String| FetchError::Unavailable {
         object: v.object.clone(),
         reason,

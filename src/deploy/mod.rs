@@ -159,12 +159,9 @@ pub enum DeployError {
         /// What the filesystem had free at the end.
         free: String,
     },
-    /// A release on disk or `current` could not be changed.
+    /// A release on disk, `current` or `state.json` could not be changed.
     #[error(transparent)]
-    Release(#[from] ReleaseError),
-    /// `state.json` could not be read or written.
-    #[error(transparent)]
-    State(#[from] StateError),
+    Host(#[from] HostError),
     /// The container stage failed (the host is as it was, or says what it is not).
     #[error(transparent)]
     Container(Box<ContainerError>),
@@ -185,12 +182,16 @@ impl From<ContainerError> for DeployError {
     }
 }
 
-impl From<HostError> for DeployError {
-    fn from(e: HostError) -> Self {
-        match e {
-            HostError::Release(e) => DeployError::Release(e),
-            HostError::State(e) => DeployError::State(e),
-        }
+// The host's own errors reach a deployment directly as often as through a transition.
+impl From<ReleaseError> for DeployError {
+    fn from(e: ReleaseError) -> Self {
+        DeployError::Host(e.into())
+    }
+}
+
+impl From<StateError> for DeployError {
+    fn from(e: StateError) -> Self {
+        DeployError::Host(e.into())
     }
 }
 
@@ -205,8 +206,7 @@ exit_codes!(DeployError {
     Unpack { source, .. } => source.exit_code(),
     Checksum { .. } => DATAERR,
     NoSpace { .. } => SOFTWARE,
-    Release(e) => e.exit_code(),
-    State(e) => e.exit_code(),
+    Host(e) => e.exit_code(),
     Container(e) | RolledBack(e) => e.exit_code(),
     Cancelled => TEMPFAIL,
     Internal(_) => SOFTWARE,
@@ -358,7 +358,7 @@ impl Deployer {
         self.reporter.finish(&attempt, serving.clone());
         self.report_outward(&attempt, serving.as_ref(), true).await;
         let result = match (result, recorded) {
-            (Ok(_), Err(error)) => Err(DeployError::State(error)),
+            (Ok(_), Err(error)) => Err(HostError::State(error).into()),
             (result, _) => result,
         };
         match &result {

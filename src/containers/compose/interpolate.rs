@@ -2,6 +2,7 @@
 //! `${VAR:?message}`, `${VAR?message}`, `${VAR:+alt}`, `${VAR+alt}` and `$$` for a literal `$`,
 //! as docker compose expands them, and the `KEY=value` lines of `.env` and `env_file` files.
 
+use super::Parsed;
 use std::collections::BTreeMap;
 
 use yaml_serde::Value;
@@ -26,7 +27,7 @@ impl Vars<'_> {
 }
 
 /// Interpolate every string value (keys are left alone, as compose does).
-pub(super) fn interpolate_value(cx: &Cx, v: &Value, vars: &Vars) -> Result<Value, ContainerError> {
+pub(super) fn interpolate_value(cx: &Cx, v: &Value, vars: &Vars) -> Parsed<Value> {
     Ok(match v {
         Value::String(s) => Value::String(interpolate(cx, s, vars)?),
         Value::Sequence(items) => Value::Sequence(
@@ -48,7 +49,7 @@ pub(super) fn interpolate_value(cx: &Cx, v: &Value, vars: &Vars) -> Result<Value
 }
 
 /// Interpolate one string.
-fn interpolate(cx: &Cx, s: &str, vars: &Vars) -> Result<String, ContainerError> {
+fn interpolate(cx: &Cx, s: &str, vars: &Vars) -> Parsed<String> {
     let err = |message: &str| ContainerError::Interpolation {
         path: cx.path.clone(),
         expression: s.to_string(),
@@ -127,7 +128,7 @@ fn expand_braced(
     inner: &str,
     vars: &Vars,
     err: &dyn Fn(&str) -> ContainerError,
-) -> Result<String, ContainerError> {
+) -> Parsed<String> {
     let name_len = inner
         .char_indices()
         .find(|(_, c)| !(c.is_ascii_alphanumeric() || *c == '_'))

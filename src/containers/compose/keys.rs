@@ -6,6 +6,7 @@
 //! it would cross the app's boundary (`security`), or unsupported (`unsupported`, or any key not
 //! listed). `x-*` extension keys are allowed wherever a mapping has fixed keys.
 
+use super::Parsed;
 use std::collections::BTreeSet;
 
 use yaml_serde::Value;
@@ -234,11 +235,7 @@ static LOGGING: Shape = keys("driver options");
 static ULIMIT: Shape = keys("soft hard");
 
 /// Every key of the raw document must be supported; services of inactive profiles are skipped.
-pub(super) fn validate_keys(
-    cx: &Cx,
-    doc: &Value,
-    active: &BTreeSet<String>,
-) -> Result<(), ContainerError> {
+pub(super) fn validate_keys(cx: &Cx, doc: &Value, active: &BTreeSet<String>) -> Parsed<()> {
     let top = entries(doc).ok_or_else(|| ContainerError::ComposeSyntax {
         path: cx.path.clone(),
         message: "the document is not a mapping".into(),
@@ -254,13 +251,7 @@ pub(super) fn validate_keys(
 }
 
 /// Check `v` against `shape`; keys are named `<prefix>.<key>` below `service`.
-pub(super) fn check(
-    cx: &Cx,
-    service: &str,
-    prefix: &str,
-    v: &Value,
-    shape: &Shape,
-) -> Result<(), ContainerError> {
+pub(super) fn check(cx: &Cx, service: &str, prefix: &str, v: &Value, shape: &Shape) -> Parsed<()> {
     let dotted = |k: &str| {
         if prefix.is_empty() {
             k.to_string()

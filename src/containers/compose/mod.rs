@@ -48,6 +48,9 @@ mod service;
 mod source;
 mod validate;
 
+/// What every compose parsing step returns: the value, or the refusal naming service and key.
+pub(crate) type Parsed<T> = Result<T, ContainerError>;
+
 pub(crate) use self::model::split_image;
 pub use self::model::{
     BuildSpec, DependCondition, Dependency, HealthSpec, LoggingSpec, MountSpec, NamedObject,
@@ -62,7 +65,7 @@ pub(crate) fn load(
     release_dir: &Path,
     env: &BTreeMap<String, String>,
     settings: &ContainersConfig,
-) -> Result<Project, ContainerError> {
+) -> Parsed<Project> {
     let sources = source::read_all(project, release_dir, &settings.compose_file, env, settings)?;
     project::parse_project(&sources, settings)
 }
@@ -181,23 +184,13 @@ fn value_of<'v>(fields: &[(String, &'v Value)], key: &str) -> Option<&'v Value> 
 }
 
 /// A list, or an error naming the service and key.
-fn seq<'v>(
-    cx: &Cx,
-    service: &str,
-    key: &str,
-    v: &'v Value,
-) -> Result<&'v Vec<Value>, ContainerError> {
+fn seq<'v>(cx: &Cx, service: &str, key: &str, v: &'v Value) -> Parsed<&'v Vec<Value>> {
     v.as_sequence()
         .ok_or_else(|| cx.invalid(service, key, "must be a list"))
 }
 
 /// A string or a list of strings.
-fn string_list(
-    cx: &Cx,
-    service: &str,
-    key: &str,
-    v: &Value,
-) -> Result<Vec<String>, ContainerError> {
+fn string_list(cx: &Cx, service: &str, key: &str, v: &Value) -> Parsed<Vec<String>> {
     if let Some(s) = scalar_string(v) {
         return Ok(vec![s]);
     }
@@ -208,7 +201,7 @@ fn string_list(
 }
 
 /// A boolean (`true`/`false`, also as strings after interpolation).
-fn boolean(cx: &Cx, service: &str, key: &str, v: &Value) -> Result<bool, ContainerError> {
+fn boolean(cx: &Cx, service: &str, key: &str, v: &Value) -> Parsed<bool> {
     match v {
         Value::Bool(b) => Ok(*b),
         Value::String(s) if s == "true" || s == "false" => Ok(s == "true"),
@@ -222,7 +215,7 @@ fn key_values(
     service: &str,
     key: &str,
     v: &Value,
-) -> Result<Vec<(String, Option<String>)>, ContainerError> {
+) -> Parsed<Vec<(String, Option<String>)>> {
     if let Some(items) = entries(v) {
         return items
             .into_iter()
@@ -254,7 +247,7 @@ fn named_items<'v>(
     service: &str,
     key: &str,
     v: &'v Value,
-) -> Result<Vec<(String, Option<&'v Value>)>, ContainerError> {
+) -> Parsed<Vec<(String, Option<&'v Value>)>> {
     if let Some(items) = entries(v) {
         return Ok(items
             .into_iter()

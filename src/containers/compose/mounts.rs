@@ -3,6 +3,7 @@
 //! immutable, and a writable bind is how a container could plant a symlink for the engine to
 //! follow on the next start. Writable data belongs in named volumes.
 
+use super::Parsed;
 use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};
 
@@ -13,7 +14,6 @@ use super::model::{MountSpec, NamedObject};
 use super::options::parse_bytes;
 use super::validate::inside_release;
 use super::{Cx, boolean, entries, named_items, scalar_string, value_of};
-use crate::containers::error::ContainerError;
 
 /// One `volumes` entry: `SOURCE:TARGET[:MODE]`, `/anonymous/target`, or the long form.
 pub(super) fn parse_mount(
@@ -21,7 +21,7 @@ pub(super) fn parse_mount(
     service: &str,
     v: &Value,
     volumes: &[NamedObject],
-) -> Result<MountSpec, ContainerError> {
+) -> Parsed<MountSpec> {
     let bad = |m: String| cx.invalid(service, "volumes", m);
     let (kind, source, target, read_only, nocopy, tmpfs) = if let Some(fields) = entries(v) {
         let field = |k: &str| value_of(&fields, k);
@@ -127,7 +127,7 @@ pub(super) fn parse_mount(
 }
 
 /// The mode of a short-form mount (`ro`, `rw`, `nocopy`, ...): `(read_only, nocopy)`.
-fn parse_mode(cx: &Cx, service: &str, mode: &str) -> Result<(bool, bool), ContainerError> {
+fn parse_mode(cx: &Cx, service: &str, mode: &str) -> Parsed<(bool, bool)> {
     let (mut read_only, mut nocopy) = (false, false);
     for m in mode.split(',').filter(|m| !m.is_empty()) {
         match m {
@@ -154,7 +154,7 @@ fn parse_mode(cx: &Cx, service: &str, mode: &str) -> Result<(bool, bool), Contai
 }
 
 /// A container path: absolute, with no `..`.
-fn check_target(cx: &Cx, service: &str, key: &str, target: &str) -> Result<(), ContainerError> {
+fn check_target(cx: &Cx, service: &str, key: &str, target: &str) -> Parsed<()> {
     let p = Path::new(target);
     if !p.is_absolute() || p.components().any(|c| c == Component::ParentDir) {
         return Err(cx.invalid(
@@ -168,12 +168,7 @@ fn check_target(cx: &Cx, service: &str, key: &str, target: &str) -> Result<(), C
 
 /// A file or directory of the release to bind: inside it, existing, and with no symlink
 /// component (checked again before every create and start).
-fn release_file(
-    cx: &Cx,
-    service: &str,
-    key: &str,
-    source: &str,
-) -> Result<PathBuf, ContainerError> {
+fn release_file(cx: &Cx, service: &str, key: &str, source: &str) -> Parsed<PathBuf> {
     if Path::new(source).ends_with("docker.sock") {
         return Err(cx.forbidden(
             service,
@@ -210,7 +205,7 @@ pub(super) fn parse_file_refs(
     v: &Value,
     files: &BTreeMap<String, PathBuf>,
     default_dir: &str,
-) -> Result<Vec<MountSpec>, ContainerError> {
+) -> Parsed<Vec<MountSpec>> {
     let items: Vec<(String, Option<&Value>)> = match v.as_sequence() {
         Some(list) => list
             .iter()
@@ -225,7 +220,7 @@ pub(super) fn parse_file_refs(
                     Ok((source, Some(i)))
                 }
             })
-            .collect::<Result<_, ContainerError>>()?,
+            .collect::<Parsed<_>>()?,
         None => named_items(cx, service, kind, v)?,
     };
     let mut out = Vec::new();

@@ -10,9 +10,9 @@
 //! reach project `app-admin`'s `app-admin_data`).
 
 use super::Cx;
+use super::Parsed;
 use super::keys::TOP_LEVEL;
 use crate::config::ContainersConfig;
-use crate::containers::error::ContainerError;
 
 /// Whether an engine name (volume, network, image repository) belongs to `project`.
 pub(crate) fn owned_by(project: &str, name: &str) -> bool {
@@ -45,7 +45,7 @@ pub(super) fn check_object_name(
     key: &str,
     engine_name: &str,
     settings: &ContainersConfig,
-) -> Result<bool, ContainerError> {
+) -> Parsed<bool> {
     let dotted = format!("{kind}s.{key}");
     if let Some(why) = unusable_name(engine_name) {
         return Err(cx.forbidden(

@@ -3,6 +3,7 @@
 //! (`mem_limit`, `cpus`, `pids_limit`, `deploy.resources`), capabilities to drop, and the
 //! restart policy (`restart`, or `deploy.restart_policy`).
 
+use super::Parsed;
 use std::collections::BTreeMap;
 
 use yaml_serde::Value;
@@ -11,7 +12,6 @@ use super::model::{LoggingSpec, Resources, RunOptions};
 use super::runtime::parse_duration;
 use super::{Cx, boolean, entries, key_values, scalar_string, string_list, value_of};
 use crate::config::{ContainersConfig, normalize_capability};
-use crate::containers::error::ContainerError;
 
 /// Log drivers built into the engine (plugins are not supported).
 const LOG_DRIVERS: &[&str] = &[
@@ -73,21 +73,20 @@ pub(super) fn parse_run_options(
     name: &str,
     fields: &Fields<'_>,
     settings: &ContainersConfig,
-) -> Result<RunOptions, ContainerError> {
+) -> Parsed<RunOptions> {
     let field = |k: &str| value_of(fields, k);
-    let text = |k: &str| -> Result<Option<String>, ContainerError> {
+    let text = |k: &str| -> Parsed<Option<String>> {
         field(k)
             .map(|v| scalar_string(v).ok_or_else(|| cx.invalid(name, k, "must be a string")))
             .transpose()
     };
     let flag = |k: &str| field(k).map(|v| boolean(cx, name, k, v)).transpose();
-    let checked =
-        |k: &str, ok: fn(&str) -> bool, what: &str| -> Result<Option<String>, ContainerError> {
-            match text(k)? {
-                Some(v) if !ok(&v) => Err(cx.invalid(name, k, format!("`{v}` is not {what}"))),
-                other => Ok(other),
-            }
-        };
+    let checked = |k: &str, ok: fn(&str) -> bool, what: &str| -> Parsed<Option<String>> {
+        match text(k)? {
+            Some(v) if !ok(&v) => Err(cx.invalid(name, k, format!("`{v}` is not {what}"))),
+            other => Ok(other),
+        }
+    };
     let stop_grace_period = text("stop_grace_period")?
         .map(|d| {
             parse_duration(&d).ok_or_else(|| {
@@ -177,7 +176,7 @@ fn is_platform(p: &str) -> bool {
 }
 
 /// `security_opt`: only `no-new-privileges`, which every container gets anyway.
-fn check_security_opt(cx: &Cx, name: &str, v: Option<&Value>) -> Result<(), ContainerError> {
+fn check_security_opt(cx: &Cx, name: &str, v: Option<&Value>) -> Parsed<()> {
     for opt in v
         .map(|v| string_list(cx, name, "security_opt", v))
         .transpose()?
@@ -198,7 +197,7 @@ fn check_security_opt(cx: &Cx, name: &str, v: Option<&Value>) -> Result<(), Cont
 }
 
 /// `deploy.replicas` and `deploy.mode`: deployd runs exactly one container per service.
-fn check_deploy_shape(cx: &Cx, name: &str, deploy: &Value) -> Result<(), ContainerError> {
+fn check_deploy_shape(cx: &Cx, name: &str, deploy: &Value) -> Parsed<()> {
     let fields = entries(deploy).ok_or_else(|| cx.invalid(name, "deploy", "must be a mapping"))?;
     for (key, only) in [("replicas", "1"), ("mode", "replicated")] {
         if let Some(v) = value_of(&fields, key)
@@ -221,7 +220,7 @@ pub(super) fn parse_restart(
     name: &str,
     restart: Option<&Value>,
     deploy: Option<&Value>,
-) -> Result<Option<String>, ContainerError> {
+) -> Parsed<Option<String>> {
     if let Some(r) = restart {
         let r = scalar_string(r).ok_or_else(|| cx.invalid(name, "restart", "must be a string"))?;
         let ok = matches!(
@@ -262,7 +261,7 @@ pub(super) fn parse_restart(
 }
 
 /// `logging: {driver, options}`.
-fn parse_logging(cx: &Cx, name: &str, v: &Value) -> Result<LoggingSpec, ContainerError> {
+fn parse_logging(cx: &Cx, name: &str, v: &Value) -> Parsed<LoggingSpec> {
     let fields = entries(v).ok_or_else(|| cx.invalid(name, "logging", "must be a mapping"))?;
     let driver = value_of(&fields, "driver").and_then(scalar_string);
     if let Some(d) = driver.as_deref().filter(|d| !LOG_DRIVERS.contains(d)) {
@@ -286,7 +285,7 @@ fn parse_logging(cx: &Cx, name: &str, v: &Value) -> Result<LoggingSpec, Containe
 }
 
 /// `extra_hosts`: `host:ip` or `host=ip` items, or a `host: ip` map; as `host:ip`.
-fn parse_extra_hosts(cx: &Cx, name: &str, v: &Value) -> Result<Vec<String>, ContainerError> {
+fn parse_extra_hosts(cx: &Cx, name: &str, v: &Value) -> Parsed<Vec<String>> {
     let pairs: Vec<(String, Option<String>)> = if v.is_mapping() {
         key_values(cx, name, "extra_hosts", v)?
     } else {
@@ -313,7 +312,7 @@ fn parse_extra_hosts(cx: &Cx, name: &str, v: &Value) -> Result<Vec<String>, Cont
 }
 
 /// `tmpfs`: a path or list of `path[:options]`.
-fn parse_tmpfs(cx: &Cx, name: &str, v: &Value) -> Result<BTreeMap<String, String>, ContainerError> {
+fn parse_tmpfs(cx: &Cx, name: &str, v: &Value) -> Parsed<BTreeMap<String, String>> {
     let mut out = BTreeMap::new();
     for item in string_list(cx, name, "tmpfs", v)? {
         let (path, opts) = item.split_once(':').unwrap_or((&item, ""));
@@ -339,11 +338,7 @@ fn parse_tmpfs(cx: &Cx, name: &str, v: &Value) -> Result<BTreeMap<String, String
 }
 
 /// `ulimits`: `name: N` or `name: {soft, hard}`.
-fn parse_ulimits(
-    cx: &Cx,
-    name: &str,
-    v: &Value,
-) -> Result<BTreeMap<String, (i64, i64)>, ContainerError> {
+fn parse_ulimits(cx: &Cx, name: &str, v: &Value) -> Parsed<BTreeMap<String, (i64, i64)>> {
     let items = entries(v).ok_or_else(|| cx.invalid(name, "ulimits", "must be a mapping"))?;
     let mut out = BTreeMap::new();
     for (limit, spec) in items {
@@ -375,7 +370,7 @@ fn parse_resources(
     name: &str,
     fields: &Fields<'_>,
     settings: &ContainersConfig,
-) -> Result<Resources, ContainerError> {
+) -> Parsed<Resources> {
     let resources = value_of(fields, "deploy")
         .and_then(entries)
         .and_then(|d| {
@@ -446,12 +441,7 @@ fn parse_resources(
 }
 
 /// A byte size as compose writes it: `1073741824`, `512m`, `1g`, `1.5GB`, `64k` (powers of 1024).
-pub(super) fn parse_bytes(
-    cx: &Cx,
-    name: &str,
-    key: &str,
-    v: &Value,
-) -> Result<i64, ContainerError> {
+pub(super) fn parse_bytes(cx: &Cx, name: &str, key: &str, v: &Value) -> Parsed<i64> {
     let s = scalar_string(v)
         .unwrap_or_default()
         .trim()

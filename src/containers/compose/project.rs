@@ -1,6 +1,7 @@
 //! The project as a whole: top-level volumes, networks, secrets and configs from every file,
 //! then the active services, their dependencies, their images, and their start order.
 
+use super::Parsed;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
@@ -31,7 +32,7 @@ pub(super) struct Declared<'a> {
 pub(super) fn parse_project(
     sources: &[Source<'_>],
     settings: &ContainersConfig,
-) -> Result<Project, ContainerError> {
+) -> Parsed<Project> {
     let root = sources.first().ok_or_else(|| ContainerError::Internal {
         action: "reading the compose file".into(),
         message: "no compose file was read".into(),
@@ -124,11 +125,7 @@ pub(super) fn parse_project(
 }
 
 /// Add objects of one file; one declared by two files must be declared the same way.
-fn merge(
-    cx: &Cx,
-    into: &mut Vec<NamedObject>,
-    add: Vec<NamedObject>,
-) -> Result<(), ContainerError> {
+fn merge(cx: &Cx, into: &mut Vec<NamedObject>, add: Vec<NamedObject>) -> Parsed<()> {
     for obj in add {
         match into.iter().find(|o| o.key == obj.key) {
             Some(existing) if *existing == obj => {}
@@ -147,11 +144,7 @@ fn merge(
 
 /// A dependency on a service that is missing, or left out by profiles, is an error unless it
 /// says `required: false`; such optional dependencies are dropped.
-fn drop_missing_dependencies(
-    cx: &Cx,
-    services: &mut [Service],
-    inactive: &[String],
-) -> Result<(), ContainerError> {
+fn drop_missing_dependencies(cx: &Cx, services: &mut [Service], inactive: &[String]) -> Parsed<()> {
     let present: Vec<String> = services.iter().map(|s| s.name.clone()).collect();
     for s in services.iter_mut() {
         let mut kept = Vec::new();
@@ -209,7 +202,7 @@ fn top_objects(
     v: Option<&Value>,
     kind: &str,
     settings: &ContainersConfig,
-) -> Result<Vec<NamedObject>, ContainerError> {
+) -> Parsed<Vec<NamedObject>> {
     let mut out = Vec::new();
     let Some(v) = v.filter(|v| !v.is_null()) else {
         return Ok(out);
@@ -262,12 +255,7 @@ fn top_objects(
 }
 
 /// Only the drivers that keep containers on their own: `local` volumes, `bridge` networks.
-fn check_driver(
-    cx: &Cx,
-    kind: &str,
-    key: &str,
-    driver: Option<&str>,
-) -> Result<(), ContainerError> {
+fn check_driver(cx: &Cx, kind: &str, key: &str, driver: Option<&str>) -> Parsed<()> {
     match (kind, driver) {
         (_, None) | ("volume", Some("local")) | ("network", Some("bridge")) => Ok(()),
         ("network", Some("host" | "none" | "null")) => Err(cx.forbidden(
@@ -295,11 +283,7 @@ fn check_driver(
 }
 
 /// Top-level `secrets` or `configs` (`kind`): name → file of the release (`file:`).
-fn top_files(
-    cx: &Cx,
-    v: Option<&Value>,
-    kind: &str,
-) -> Result<BTreeMap<String, PathBuf>, ContainerError> {
+fn top_files(cx: &Cx, v: Option<&Value>, kind: &str) -> Parsed<BTreeMap<String, PathBuf>> {
     let mut out = BTreeMap::new();
     let Some(v) = v.filter(|v| !v.is_null()) else {
         return Ok(out);

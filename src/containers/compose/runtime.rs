@@ -1,13 +1,13 @@
 //! How a service's container is reached and checked: published and exposed ports, and the
 //! healthcheck.
 
+use super::Parsed;
 use std::time::Duration;
 
 use yaml_serde::Value;
 
 use super::model::{HealthSpec, PortSpec};
 use super::{Cx, entries, scalar_string, seq, string_list, value_of};
-use crate::containers::error::ContainerError;
 
 /// A port or a range of ports (`3000`, `3000-3005`): first and last.
 fn port_range(s: &str) -> Option<(u16, u16)> {
@@ -23,11 +23,7 @@ fn port_range(s: &str) -> Option<(u16, u16)> {
 
 /// One `ports` entry: `[IP:][HOST:]CONTAINER[/PROTO]`, `[IPv6]:HOST:CONTAINER`, or the long form.
 /// Ranges (`3000-3005:3000-3005`, `8000-8010:80`) give one spec per container port.
-pub(super) fn parse_port(
-    cx: &Cx,
-    service: &str,
-    v: &Value,
-) -> Result<Vec<PortSpec>, ContainerError> {
+pub(super) fn parse_port(cx: &Cx, service: &str, v: &Value) -> Parsed<Vec<PortSpec>> {
     let bad = |m: String| cx.invalid(service, "ports", m);
     let range = |s: &str| {
         port_range(s).ok_or_else(|| bad(format!("`{s}` is not a port or a range of ports")))
@@ -98,11 +94,7 @@ pub(super) fn parse_port(
 }
 
 /// `expose:`: ports (or ranges) reachable on the project's networks only, as `PORT/PROTO`.
-pub(super) fn parse_expose(
-    cx: &Cx,
-    service: &str,
-    v: &Value,
-) -> Result<Vec<String>, ContainerError> {
+pub(super) fn parse_expose(cx: &Cx, service: &str, v: &Value) -> Parsed<Vec<String>> {
     let mut out = Vec::new();
     for item in seq(cx, service, "expose", v)? {
         let s =
@@ -123,15 +115,11 @@ pub(super) fn parse_expose(
 }
 
 /// `healthcheck:`; `disable: true` becomes `test: ["NONE"]`.
-pub(super) fn parse_healthcheck(
-    cx: &Cx,
-    service: &str,
-    v: &Value,
-) -> Result<HealthSpec, ContainerError> {
+pub(super) fn parse_healthcheck(cx: &Cx, service: &str, v: &Value) -> Parsed<HealthSpec> {
     let fields =
         entries(v).ok_or_else(|| cx.invalid(service, "healthcheck", "must be a mapping"))?;
     let field = |k: &str| value_of(&fields, k);
-    let dur = |k: &str| -> Result<Option<Duration>, ContainerError> {
+    let dur = |k: &str| -> Parsed<Option<Duration>> {
         field(k)
             .map(|d| {
                 let s = scalar_string(d).ok_or_else(|| {

@@ -1,6 +1,7 @@
 //! One service of the compose file: image and build, command, environment, dependencies, labels
 //! and networks; ports, mounts and run options are parsed by their own modules.
 
+use super::Parsed;
 use std::collections::BTreeMap;
 use std::path::{Component, Path};
 
@@ -17,7 +18,6 @@ use super::validate::{inside_release, valid_tag};
 use super::{
     Cx, boolean, entries, key_values, named_items, scalar_string, seq, string_list, value_of,
 };
-use crate::containers::error::ContainerError;
 
 /// One service, checked against what the top level declares.
 pub(super) fn parse_service(
@@ -26,7 +26,7 @@ pub(super) fn parse_service(
     v: &Value,
     vars: &Vars,
     declared: &Declared<'_>,
-) -> Result<Service, ContainerError> {
+) -> Parsed<Service> {
     let fields = entries(v).ok_or_else(|| cx.invalid(name, "", "service must be a mapping"))?;
     let field = |k: &str| value_of(&fields, k);
     let build = field("build")
@@ -107,12 +107,7 @@ pub(super) fn parse_service(
 }
 
 /// The items of a list a service may leave out.
-fn items<'v>(
-    cx: &Cx,
-    name: &str,
-    key: &str,
-    v: Option<&'v Value>,
-) -> Result<&'v [Value], ContainerError> {
+fn items<'v>(cx: &Cx, name: &str, key: &str, v: Option<&'v Value>) -> Parsed<&'v [Value]> {
     Ok(v.map(|v| seq(cx, name, key, v))
         .transpose()?
         .map_or(&[][..], Vec::as_slice))
@@ -126,7 +121,7 @@ fn parse_environment(
     env_file: Option<&Value>,
     environment: Option<&Value>,
     vars: &Vars,
-) -> Result<BTreeMap<String, String>, ContainerError> {
+) -> Parsed<BTreeMap<String, String>> {
     let mut out = BTreeMap::new();
     let files: Vec<(String, bool)> = match env_file {
         None => Vec::new(),
@@ -156,7 +151,7 @@ fn parse_environment(
 }
 
 /// One `env_file` entry: a path, or `{path, required, format}`; `(path, required)`.
-fn env_file_entry(cx: &Cx, name: &str, v: &Value) -> Result<(String, bool), ContainerError> {
+fn env_file_entry(cx: &Cx, name: &str, v: &Value) -> Parsed<(String, bool)> {
     if let Some(p) = scalar_string(v) {
         return Ok((p, true));
     }
@@ -189,7 +184,7 @@ fn parse_networks(
     v: Option<&Value>,
     container_name: Option<&Value>,
     declared: &Declared<'_>,
-) -> Result<Vec<ServiceNetwork>, ContainerError> {
+) -> Parsed<Vec<ServiceNetwork>> {
     let container_name = container_name
         .map(|c| {
             scalar_string(c)
@@ -231,12 +226,7 @@ fn parse_networks(
 }
 
 /// `build:`: a context path, or the mapping form.
-fn parse_build(
-    cx: &Cx,
-    service: &str,
-    v: &Value,
-    vars: &Vars,
-) -> Result<BuildSpec, ContainerError> {
+fn parse_build(cx: &Cx, service: &str, v: &Value, vars: &Vars) -> Parsed<BuildSpec> {
     if let Some(context) = scalar_string(v) {
         return Ok(BuildSpec {
             context: inside_release(cx, service, "build.context", &context)?,
@@ -303,7 +293,7 @@ fn parse_labels(
     service: &str,
     key: &str,
     v: Option<&Value>,
-) -> Result<BTreeMap<String, String>, ContainerError> {
+) -> Parsed<BTreeMap<String, String>> {
     let Some(v) = v else {
         return Ok(BTreeMap::new());
     };
@@ -314,12 +304,7 @@ fn parse_labels(
 }
 
 /// `command` / `entrypoint`: a list, or a string split like a shell would (no expansion).
-fn parse_command(
-    cx: &Cx,
-    service: &str,
-    key: &str,
-    v: &Value,
-) -> Result<Vec<String>, ContainerError> {
+fn parse_command(cx: &Cx, service: &str, key: &str, v: &Value) -> Parsed<Vec<String>> {
     if let Some(s) = scalar_string(v) {
         return shell_split(&s).ok_or_else(|| cx.invalid(service, key, "unbalanced quotes"));
     }
@@ -382,7 +367,7 @@ fn shell_split(s: &str) -> Option<Vec<String>> {
 }
 
 /// `depends_on`: a list of services, or a map with `condition`, `restart` and `required`.
-fn parse_depends(cx: &Cx, service: &str, v: &Value) -> Result<Vec<Dependency>, ContainerError> {
+fn parse_depends(cx: &Cx, service: &str, v: &Value) -> Parsed<Vec<Dependency>> {
     named_items(cx, service, "depends_on", v)?
         .into_iter()
         .map(|(dep, spec)| {

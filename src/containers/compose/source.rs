@@ -1,6 +1,7 @@
 //! Reading compose files: the release's own and those it `include`s (files of the release
 //! only), each parsed, merged (`<<`), checked key by key, and interpolated with its own `.env`.
 
+use super::Parsed;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
@@ -32,7 +33,7 @@ pub(super) fn read_all<'e>(
     compose_file: &str,
     env: &'e BTreeMap<String, String>,
     settings: &ContainersConfig,
-) -> Result<Vec<Source<'e>>, ContainerError> {
+) -> Parsed<Vec<Source<'e>>> {
     let cx = Cx {
         path: release_dir.join(compose_file),
         release_dir: release_dir.to_path_buf(),
@@ -50,10 +51,7 @@ pub(super) fn read_all<'e>(
 }
 
 /// `KEY=value` lines of a file; an absent optional file is empty.
-pub(super) fn read_env_file(
-    path: &Path,
-    required: bool,
-) -> Result<BTreeMap<String, String>, ContainerError> {
+pub(super) fn read_env_file(path: &Path, required: bool) -> Parsed<BTreeMap<String, String>> {
     match std::fs::read_to_string(path) {
         Ok(t) => Ok(parse_env_lines(&t)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => Ok(BTreeMap::new()),
@@ -72,7 +70,7 @@ fn read_one<'e>(
     active: &BTreeSet<String>,
     stack: &mut Vec<PathBuf>,
     out: &mut Vec<Source<'e>>,
-) -> Result<(), ContainerError> {
+) -> Parsed<()> {
     let text = std::fs::read_to_string(&cx.path).map_err(|source| ContainerError::ComposeRead {
         path: cx.path.clone(),
         source,
@@ -138,7 +136,7 @@ struct Include {
 }
 
 /// `include:`: a list of paths, or of mappings with `path`, `project_directory`, `env_file`.
-fn parse_includes(cx: &Cx, v: &Value) -> Result<Vec<Include>, ContainerError> {
+fn parse_includes(cx: &Cx, v: &Value) -> Parsed<Vec<Include>> {
     let items = super::seq(cx, TOP_LEVEL, "include", v)?;
     let mut out = Vec::new();
     for item in items {

@@ -1,12 +1,12 @@
 //! Checks shared by the parsers: tags the engine would accept, paths that stay inside the
 //! release directory, and `depends_on` that names existing services without a cycle.
 
+use super::Parsed;
 use std::collections::BTreeSet;
 use std::path::{Component, PathBuf};
 
 use super::Cx;
 use super::model::Service;
-use crate::containers::error::ContainerError;
 
 /// Whether a string is a usable tag (what the engine accepts: `[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}`).
 pub(crate) fn valid_tag(tag: &str) -> bool {
@@ -18,12 +18,7 @@ pub(crate) fn valid_tag(tag: &str) -> bool {
 
 /// Resolve a path of the compose file against its project directory, refusing anything that
 /// leaves the release directory (lexically, or through a symlink when the path exists).
-pub(super) fn inside_release(
-    cx: &Cx,
-    service: &str,
-    key: &str,
-    p: &str,
-) -> Result<PathBuf, ContainerError> {
+pub(super) fn inside_release(cx: &Cx, service: &str, key: &str, p: &str) -> Parsed<PathBuf> {
     let outside = || {
         cx.forbidden(
             service,
@@ -59,10 +54,7 @@ pub(super) fn inside_release(
 }
 
 /// Order services so dependencies come first (stable: compose file order otherwise).
-pub(super) fn order_services(
-    cx: &Cx,
-    services: Vec<Service>,
-) -> Result<Vec<Service>, ContainerError> {
+pub(super) fn order_services(cx: &Cx, services: Vec<Service>) -> Parsed<Vec<Service>> {
     let names: BTreeSet<&str> = services.iter().map(|s| s.name.as_str()).collect();
     for s in &services {
         for d in &s.depends_on {
