@@ -160,6 +160,7 @@ fn toml_doc(keys: &'static [&'static str]) -> impl Strategy<Value = String> {
 
 const CONFIG_KEYS: &[&str] = &[
     "app",
+    "environment",
     "state_dir",
     "runtime_dir",
     "environment_file",
