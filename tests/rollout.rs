@@ -21,6 +21,8 @@ use common::daemon::{Daemon, Options};
 use common::ec2::Ec2;
 use common::keys::{Keys, ci_keys};
 use common::signed::{C1, C2, C3, POINTER};
+
+const C4: &str = "4444444444444444444444444444444444444444";
 use common::{Host, Run, Tarball, app, imds, moto, poll, sha256_hex, write_file};
 use sha2::{Digest, Sha256};
 
@@ -327,6 +329,32 @@ fn waves_grow_converge_and_a_bad_release_is_reverted() {
         });
         assert!(poll_ok.is_some(), "{} tags {:?}", a.id, ec2.tags(&a.id));
     }
+
+    // v4, good, everywhere; then `rollout --revert`: hosts that accepted v4 go back to v2,
+    // below their high-water mark, because the signed pointer says it reverts v4.
+    let v4 = app("v4").gz();
+    publish(&ci, &keys, "v4.tar.gz", &v4, C4, 100);
+    wait_serving(&agents.iter().collect::<Vec<_>>(), &sha256_hex(&v4));
+    let run = ci_run(
+        &ci,
+        &keys,
+        &[
+            "rollout",
+            "--bucket",
+            &ci.bucket,
+            "--app",
+            "web",
+            "--environment",
+            "prod",
+            "--revert",
+            "--sign",
+            keys.secret.to_str().unwrap(),
+        ],
+    );
+    run.ok();
+    assert!(run.stdout.contains(&v2_key), "{}", run.stdout);
+    fleet_wait(&ci, &keys, C2, &[]).ok();
+    wait_serving(&agents.iter().collect::<Vec<_>>(), &sha2);
 
     for a in &agents {
         a.daemon.signal(libc::SIGTERM);

@@ -58,8 +58,12 @@ pub struct RolloutRequest {
     #[arg(long)]
     pub environment: String,
     /// The share of the fleet, in percent, that takes the pointer's release.
-    #[arg(long, value_parser = clap::value_parser!(u8).range(0..=100))]
-    pub percent: u8,
+    #[arg(long, value_parser = clap::value_parser!(u8).range(0..=100), required_unless_present = "revert", conflicts_with = "revert")]
+    pub percent: Option<u8>,
+    /// Point the environment back at the pointer's previous release, at 100% (hosts that
+    /// accepted the current release may go back from it).
+    #[arg(long)]
+    pub revert: bool,
     #[command(flatten)]
     pub signing: Signing,
 }
@@ -262,13 +266,20 @@ pub async fn rewrite(
     })
 }
 
-/// `deployd rollout`: sets the percentage of the environment's pointer.
+/// `deployd rollout`: sets the percentage of the environment's pointer, or reverts it.
 pub async fn rollout(s3: &Client, req: &RolloutRequest) -> Result<Rewritten, RolloutError> {
     let at = S3Object::new(
         req.bucket.clone(),
         pointer::pointer_key(&req.app, &req.environment),
     );
-    rewrite(s3, &at, &req.signing, Edit::Percent(req.percent)).await
+    let edit = match (req.revert, req.percent) {
+        (true, _) => Edit::Revert,
+        (false, Some(p)) => Edit::Percent(p),
+        (false, None) => {
+            return Err(RolloutError::Usage("pass --percent N or --revert".into()));
+        }
+    };
+    rewrite(s3, &at, &req.signing, edit).await
 }
 
 #[cfg(test)]

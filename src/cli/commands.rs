@@ -232,6 +232,10 @@ pub(super) async fn dispatch(cli: Cli, output: Output) -> Result<i32, Failure> {
             req.signing.sign_password = std::env::var(signature::PASSWORD_ENV).ok();
             let s3 = crate::s3::client(&cfg.s3).await?;
             let r = rollout::rollout(&s3, &req).await?;
+            if r.rollout.reverts.is_some() || req.revert {
+                println!("{} names {} again, at 100%", r.at, r.key);
+                return Ok(exit::OK);
+            }
             println!(
                 "{} names {} at {}%{}",
                 r.at,

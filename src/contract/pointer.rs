@@ -562,6 +562,38 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn waves_are_signed_and_old_pointers_read_as_full() {
+        let (key, trusted, _dir) = signer();
+        let object = S3Object::new("b", "web/prod/current.json");
+        let mut s = statement();
+        s.rollout = Rollout {
+            percent: 30,
+            previous: Some(crate::contract::wave::Previous {
+                key: "web/prod/old/web-deployment.tar.gz".into(),
+                sha256: "cd".repeat(32),
+                commit: "d".repeat(40),
+                sequence: 3,
+            }),
+            reverts: None,
+        };
+        let doc = s.sign(&key).unwrap();
+        let text = doc.to_json();
+        assert!(text.contains("\"percent\": 30"), "{text}");
+        let read = Pointer::parse(text.as_bytes()).unwrap();
+        assert_eq!(verify(&object, &read, &trusted).unwrap(), s);
+        // The readable copy cannot claim another wave than the signed one.
+        let mut forged = read.clone();
+        forged.rollout.percent = 100;
+        let err = Pointer::parse(forged.to_json().as_bytes()).unwrap_err();
+        assert!(err.contains("percent"), "{err}");
+        // A pointer without the fields (written before waves) is a 100% pointer.
+        let old = statement().sign(&key).unwrap();
+        assert!(!old.to_json().contains("percent"));
+        let back = Pointer::parse(old.to_json().as_bytes()).unwrap();
+        assert_eq!(back.rollout, Rollout::default());
+    }
+
+    #[test]
     fn expiry_is_the_earlier_of_the_signed_limit_and_the_age() {
         let mut s = statement();
         let published = humantime::parse_rfc3339("2026-11-05T10:15:00Z").unwrap();
