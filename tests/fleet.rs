@@ -248,6 +248,7 @@ fn fleet_rollout_time_and_idle_cost() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(50);
     let poll_every = std::env::var("FLEET_POLL").unwrap_or_else(|_| "5s".into());
+    let idle_poll = std::env::var("FLEET_IDLE_POLL").unwrap_or_else(|_| "0s".into());
     let idle =
         humantime::parse_duration(&std::env::var("FLEET_IDLE").unwrap_or_else(|_| "30s".into()))
             .unwrap();
@@ -279,7 +280,7 @@ fn fleet_rollout_time_and_idle_cost() {
                     ci.bucket
                 ),
                 &format!(
-                    "[report]\nec2_endpoint_url = \"{}\"\n\n[triggers]\npoll_interval = \"{poll_every}\"\n",
+                    "[report]\nec2_endpoint_url = \"{}\"\n\n[triggers]\npoll_interval = \"{poll_every}\"\nidle_poll_interval = \"{idle_poll}\"\n",
                     moto().endpoint
                 ),
             );
@@ -336,8 +337,18 @@ fn fleet_rollout_time_and_idle_cost() {
     // Idle: nothing changes. Each agent's first poll queues one deployment (it closes the
     // window between the startup deployment and the poller); that is start-up, so the window
     // opens after it.
+    // With FLEET_IDLE_POLL, the window also opens after the polls have stretched to it.
     let every = humantime::parse_duration(&poll_every).unwrap();
-    std::thread::sleep(every + every / 4 + Duration::from_secs(5));
+    let stretched = humantime::parse_duration(&idle_poll).unwrap();
+    let mut settle = every;
+    let mut step = every;
+    while step < stretched {
+        step = (step * 2).min(stretched);
+        if step < stretched {
+            settle += step;
+        }
+    }
+    std::thread::sleep(settle + settle / 4 + Duration::from_secs(5));
     let before: Vec<(u64, u64)> = members.iter().map(|m| split(&m.proxy.requests())).collect();
     std::thread::sleep(idle);
     let (mut s3, mut ec2_calls) = (0u64, 0u64);
@@ -348,7 +359,7 @@ fn fleet_rollout_time_and_idle_cost() {
     }
     let per_hour = |count: u64| count as f64 / n as f64 * 3600.0 / idle.as_secs_f64();
     println!(
-        "rollout bench: idle {idle:?} with a {poll_every} poll: {s3} S3 and {ec2_calls} EC2 requests from {n} agents = {:.0} S3 and {:.0} EC2 per agent per idle hour",
+        "rollout bench: idle {idle:?} with a {poll_every} poll (idle_poll_interval {idle_poll}): {s3} S3 and {ec2_calls} EC2 requests from {n} agents = {:.0} S3 and {:.0} EC2 per agent per idle hour",
         per_hour(s3),
         per_hour(ec2_calls)
     );
@@ -374,7 +385,7 @@ fn fleet_rollout_time_and_idle_cost() {
         ec2_calls += e - e0;
     }
     println!(
-        "rollout bench: {n} agents, {poll_every} poll: publish --percent 100 took {published:.2?}; fleet status --wait returned 0 {converged:.2?} after the publish began; the rollout cost {:.1} S3 and {:.1} EC2 requests per agent",
+        "rollout bench: {n} agents, {poll_every} poll (idle_poll_interval {idle_poll}): publish --percent 100 took {published:.2?}; fleet status --wait returned 0 {converged:.2?} after the publish began; the rollout cost {:.1} S3 and {:.1} EC2 requests per agent",
         s3 as f64 / n as f64,
         ec2_calls as f64 / n as f64
     );

@@ -276,6 +276,7 @@ const DEFAULTS: &[(&str, &str)] = &[
     ("report.ec2_tags", "true"),
     ("report.tag_prefix", "\"deployd:\""),
     ("triggers.poll_interval", "\"0s\""),
+    ("triggers.idle_poll_interval", "\"0s\""),
     ("triggers.trusted_group", "\"\""),
 ];
 

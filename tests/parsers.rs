@@ -198,6 +198,7 @@ const CONFIG_KEYS: &[&str] = &[
     "report.metrics_file",
     "report.ec2_endpoint_url",
     "triggers.poll_interval",
+    "triggers.idle_poll_interval",
     "triggers.trusted_group",
     "daemon.stop_timeout",
     "daemon.bogus",
