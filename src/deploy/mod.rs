@@ -421,7 +421,7 @@ impl Deployer {
         result
     }
 
-    /// The pipeline; `target` learns the artifact as soon as it is known.
+    /// The pipeline; `aim` learns the artifact and its commit as soon as they are known.
     async fn run(&self, req: &Request, aim: &mut Aim) -> Result<Done, DeployError> {
         // Under the lock: whatever a killed run left (staging trees, temporary files, a
         // `current` naming an incomplete release) is cleaned up before anything else, by a
