@@ -368,3 +368,104 @@ fn waves_grow_converge_and_a_bad_release_is_reverted() {
         );
     }
 }
+
+/// The CI commands on their own: unsigned waves, the refusals and the exit codes.
+#[test]
+fn unsigned_waves_and_what_ci_refuses() {
+    let ci = Host::with(
+        false,
+        "",
+        &format!("[report]\nec2_endpoint_url = \"{}\"\n", moto().endpoint),
+    );
+    let file = |v: &str| write_file(&ci, &format!("{v}.tar.gz"), &app(v).gz());
+    let publish = |v: &str, commit: &str, percent: &str| {
+        ci.publish(
+            &file(v),
+            "prod",
+            &["--commit", commit, "--pointer", "--percent", percent],
+            &[],
+        )
+    };
+    // A wave needs a release for the rest of the fleet.
+    publish("v1", C1, "30").fails_with(64, "--percent 30 needs a release");
+    let v1 = Host::published_key(&publish("v1", C1, "100"));
+    let v2 = Host::published_key(&publish("v2", C2, "30"));
+    let p = pointer(&ci);
+    assert_eq!(
+        (p["key"].as_str(), p["percent"].as_u64()),
+        (Some(v2.as_str()), Some(30))
+    );
+    assert_eq!(p["previous"]["key"], v1.as_str(), "{p}");
+    assert_eq!(p["previous"]["commit"], C1, "{p}");
+
+    let rollout = |extra: &[&str]| {
+        let mut args = vec![
+            "rollout",
+            "--bucket",
+            &ci.bucket,
+            "--app",
+            "web",
+            "--environment",
+            "prod",
+        ];
+        args.extend_from_slice(extra);
+        ci.run(&args)
+    };
+    rollout(&["--percent", "60"]).ok();
+    assert_eq!(pointer(&ci)["percent"], 60);
+    rollout(&[]).fails_with(64, "");
+    rollout(&["--percent", "101"]).fails_with(64, "");
+    rollout(&["--revert"]).ok();
+    let p = pointer(&ci);
+    assert_eq!(p["key"], v1.as_str(), "{p}");
+    assert!(
+        p.get("percent").is_none() && p.get("previous").is_none(),
+        "{p}"
+    );
+    rollout(&["--revert"]).fails_with(65, "no previous release");
+    rollout(&["--percent", "50"]).fails_with(64, "no previous release");
+
+    // No instance carries the tags: the table is empty, and a wait never passes.
+    ci.publish(&file("s1"), "staging", &["--commit", C1, "--pointer"], &[])
+        .ok();
+    let run = ci.run(&[
+        "fleet",
+        "status",
+        "--app",
+        "web",
+        "--environment",
+        "staging",
+    ]);
+    run.ok();
+    assert!(
+        run.stdout.contains("0 instance(s) of web/staging"),
+        "{}",
+        run.stdout
+    );
+    let run = ci.run(&[
+        "fleet",
+        "status",
+        "--app",
+        "web",
+        "--environment",
+        "staging",
+        "--bucket",
+        &ci.bucket,
+        "--wait",
+        "--timeout",
+        "2s",
+        "--interval",
+        "1s",
+    ]);
+    run.fails_with(75, "did not converge");
+    let run = ci.run(&[
+        "fleet",
+        "status",
+        "--app",
+        "web",
+        "--environment",
+        "prod",
+        "--wait",
+    ]);
+    assert_eq!(run.code, 64, "{}", run.stderr);
+}
