@@ -363,6 +363,19 @@ async fn check_config(cfg: &Config) -> Result<i32, Failure> {
         }
     }
     println!("state dir      {}", cfg.state_dir.display());
+    if cfg.environment.is_empty() {
+        println!(
+            "fleet          app {}, no environment: set `environment` so that `deployd fleet status` finds this host",
+            cfg.app
+        );
+    } else {
+        println!(
+            "fleet          app {}, environment {} (tagged {p}app, {p}environment)",
+            cfg.app,
+            cfg.environment,
+            p = cfg.report.tag_prefix
+        );
+    }
     let mut lines = instance.check().await;
     lines.push(crate::report::metrics::check(cfg));
     for (label, text) in lines {
