@@ -225,3 +225,169 @@ fn fleet_converges_on_the_newest_release() {
         assert_eq!(code, 0, "{}", a.daemon.log());
     }
 }
+
+/// EC2 (query API: `POST /`) and S3 requests among those a proxy forwarded.
+fn split(requests: &[proxy::Request]) -> (u64, u64) {
+    let ec2 = requests
+        .iter()
+        .filter(|r| r.method == "POST" && r.path == "/")
+        .count() as u64;
+    (requests.len() as u64 - ec2, ec2)
+}
+
+/// The rollout measurement: `FLEET_AGENTS` (50) agents, each an EC2 instance on moto with its
+/// own IMDSv2 server and one proxy in front of moto for both its S3 and its EC2 traffic,
+/// polling every `FLEET_POLL` (5 s). Prints the S3 and EC2 requests per agent per idle hour
+/// (from a `FLEET_IDLE` window, 30 s) and the time from `publish --pointer --percent 100` to
+/// `fleet status --wait` returning 0.
+#[test]
+#[ignore = "starts a fleet of deployd processes; run bench/fleet.sh"]
+fn fleet_rollout_time_and_idle_cost() {
+    let n: usize = std::env::var("FLEET_AGENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(50);
+    let poll_every = std::env::var("FLEET_POLL").unwrap_or_else(|_| "5s".into());
+    let idle_poll = std::env::var("FLEET_IDLE_POLL").unwrap_or_else(|_| "0s".into());
+    let idle =
+        humantime::parse_duration(&std::env::var("FLEET_IDLE").unwrap_or_else(|_| "30s".into()))
+            .unwrap();
+    let ec2 = common::ec2::Ec2::new();
+    let ci = Host::with(
+        true,
+        "",
+        &format!("[report]\nec2_endpoint_url = \"{}\"\n", moto().endpoint),
+    );
+    let c1 = "1111111111111111111111111111111111111111";
+    let c2 = "2222222222222222222222222222222222222222";
+    let sha1 = publish(&ci, "v1", c1);
+
+    struct Member {
+        host: Host,
+        proxy: Proxy,
+        daemon: Daemon,
+        _imds: common::imds::Imds,
+    }
+    let members: Vec<Member> = (0..n)
+        .map(|_| {
+            let id = ec2.run_instance();
+            let server = common::imds::start("123456789012", "us-east-1", &id);
+            let proxy = proxy::start(&moto().endpoint, Behaviour::PassThrough);
+            let mut host = Host::in_bucket(
+                &ci.bucket,
+                &format!(
+                    "bucket = \"{}\"\npointer_key = \"web/prod/current.json\"\nwait_for_artifact = \"30s\"",
+                    ci.bucket
+                ),
+                &format!(
+                    "[report]\nec2_endpoint_url = \"{}\"\n\n[triggers]\npoll_interval = \"{poll_every}\"\nidle_poll_interval = \"{idle_poll}\"\n",
+                    moto().endpoint
+                ),
+            );
+            host.imds = Some(server.endpoint.clone());
+            let text = std::fs::read_to_string(&host.config).unwrap();
+            std::fs::write(
+                &host.config,
+                text.replacen("app = \"web\"\n", "app = \"web\"\nenvironment = \"prod\"\n", 1),
+            )
+            .unwrap();
+            // S3 and EC2 both go through the proxy (moto serves both on one port).
+            host.route_s3_through(&proxy.endpoint);
+            let daemon = Daemon::start(&host, Options::default());
+            Member {
+                host,
+                proxy,
+                daemon,
+                _imds: server,
+            }
+        })
+        .collect();
+    let serving = |m: &Member, sha: &str| {
+        m.host
+            .try_state()
+            .and_then(|s| s["current"]["sha256"].as_str().map(str::to_string))
+            .as_deref()
+            == Some(sha)
+    };
+    let up = poll(Duration::from_secs(180), Duration::from_millis(200), || {
+        members.iter().all(|m| serving(m, &sha1))
+    });
+    assert!(up.is_some(), "{}", members[0].daemon.log());
+    let fleet_wait = |commit: &str| {
+        ci.run(&[
+            "fleet",
+            "status",
+            "--app",
+            "web",
+            "--environment",
+            "prod",
+            "--bucket",
+            &ci.bucket,
+            "--wait",
+            "--sha",
+            commit,
+            "--interval",
+            "1s",
+            "--timeout",
+            "5m",
+        ])
+    };
+    fleet_wait(c1).ok();
+
+    // Idle: nothing changes. Each agent's first poll queues one deployment (it closes the
+    // window between the startup deployment and the poller); that is start-up, so the window
+    // opens after it.
+    // With FLEET_IDLE_POLL, the window also opens after the polls have stretched to it.
+    let every = humantime::parse_duration(&poll_every).unwrap();
+    let stretched = humantime::parse_duration(&idle_poll).unwrap();
+    let mut settle = every;
+    let mut step = every;
+    while step < stretched {
+        step = (step * 2).min(stretched);
+        if step < stretched {
+            settle += step;
+        }
+    }
+    std::thread::sleep(settle + settle / 4 + Duration::from_secs(5));
+    let before: Vec<(u64, u64)> = members.iter().map(|m| split(&m.proxy.requests())).collect();
+    std::thread::sleep(idle);
+    let (mut s3, mut ec2_calls) = (0u64, 0u64);
+    for (m, (s0, e0)) in members.iter().zip(&before) {
+        let (s, e) = split(&m.proxy.requests());
+        s3 += s - s0;
+        ec2_calls += e - e0;
+    }
+    let per_hour = |count: u64| count as f64 / n as f64 * 3600.0 / idle.as_secs_f64();
+    println!(
+        "rollout bench: idle {idle:?} with a {poll_every} poll (idle_poll_interval {idle_poll}): {s3} S3 and {ec2_calls} EC2 requests from {n} agents = {:.0} S3 and {:.0} EC2 per agent per idle hour",
+        per_hour(s3),
+        per_hour(ec2_calls)
+    );
+    assert_eq!(ec2_calls, 0, "an idle agent makes no EC2 request");
+
+    // publish --percent 100, then fleet status --wait.
+    let before: Vec<(u64, u64)> = members.iter().map(|m| split(&m.proxy.requests())).collect();
+    let clock = Instant::now();
+    let body = app("v2").file("./payload.bin", 0o644, &payload("v2")).gz();
+    ci.publish_bytes(
+        "v2.tar.gz",
+        &body,
+        "prod",
+        &["--commit", c2, "--pointer", "--percent", "100"],
+    );
+    let published = clock.elapsed();
+    fleet_wait(c2).ok();
+    let converged = clock.elapsed();
+    let (mut s3, mut ec2_calls) = (0u64, 0u64);
+    for (m, (s0, e0)) in members.iter().zip(&before) {
+        let (s, e) = split(&m.proxy.requests());
+        s3 += s - s0;
+        ec2_calls += e - e0;
+    }
+    println!(
+        "rollout bench: {n} agents, {poll_every} poll (idle_poll_interval {idle_poll}): publish --percent 100 took {published:.2?}; fleet status --wait returned 0 {converged:.2?} after the publish began; the rollout cost {:.1} S3 and {:.1} EC2 requests per agent",
+        s3 as f64 / n as f64,
+        ec2_calls as f64 / n as f64
+    );
+    assert!(members.iter().all(|m| serving(m, &sha256_hex(&body))));
+}

@@ -228,6 +228,7 @@ fn tmpfiles_create_the_trigger_and_state_directories() {
 /// Documented defaults of every config key (`table.key` → TOML value).
 const DEFAULTS: &[(&str, &str)] = &[
     ("app", "\"express-api\""),
+    ("environment", "\"\""),
     ("state_dir", "\"/var/lib/deployd\""),
     ("runtime_dir", "\"/run/deployd\""),
     ("environment_file", "\"/etc/deployd/environment\""),
@@ -275,6 +276,7 @@ const DEFAULTS: &[(&str, &str)] = &[
     ("report.ec2_tags", "true"),
     ("report.tag_prefix", "\"deployd:\""),
     ("triggers.poll_interval", "\"0s\""),
+    ("triggers.idle_poll_interval", "\"0s\""),
     ("triggers.trusted_group", "\"\""),
 ];
 

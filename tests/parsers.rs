@@ -160,6 +160,7 @@ fn toml_doc(keys: &'static [&'static str]) -> impl Strategy<Value = String> {
 
 const CONFIG_KEYS: &[&str] = &[
     "app",
+    "environment",
     "state_dir",
     "runtime_dir",
     "environment_file",
@@ -197,6 +198,7 @@ const CONFIG_KEYS: &[&str] = &[
     "report.metrics_file",
     "report.ec2_endpoint_url",
     "triggers.poll_interval",
+    "triggers.idle_poll_interval",
     "triggers.trusted_group",
     "daemon.stop_timeout",
     "daemon.bogus",

@@ -2,6 +2,12 @@
 //! interval (plus up to a quarter of it in random jitter, so a fleet does not poll in step)
 //! and queues a redeploy when it changed.
 //!
+//! With `[triggers] idle_poll_interval` above `poll_interval`, each poll that finds nothing
+//! changed doubles the wait before the next, up to `idle_poll_interval`; a change brings it
+//! back to `poll_interval`. A fleet polled every 5 s that stretches to 60 s while idle costs
+//! about 60 requests an hour per host, and sees a change within about 75 s at worst (60 s and
+//! its jitter), within 5–6 s while changes keep coming.
+//!
 //! What one idle poll costs S3:
 //!
 //! - a **release pointer** source: one `GET current.json` with `If-None-Match: <ETag>`,
@@ -59,6 +65,16 @@ pub fn spawn(
     }))
 }
 
+/// The interval after a poll: back to `every` after a change, else twice `current` up to
+/// `idle` (when `idle` is above `every`).
+fn next_interval(current: Duration, every: Duration, idle: Duration, changed: bool) -> Duration {
+    if changed || idle <= every {
+        every
+    } else {
+        (current * 2).min(idle)
+    }
+}
+
 /// The interval plus up to a quarter of it in jitter.
 fn next_delay(every: Duration) -> Duration {
     let jitter_ms = (every.as_millis() as u64 / 4).max(1);
@@ -76,8 +92,10 @@ async fn poll_loop(
     let mut last: Option<(String, String)> = None;
     // When the last signed pointer read stops holding; taken once it has been acted on.
     let mut expires: Option<SystemTime> = None;
+    let idle = cfg.triggers.idle_poll_interval.0;
+    let mut interval = every;
     loop {
-        tokio::time::sleep(next_delay(every)).await;
+        tokio::time::sleep(next_delay(interval)).await;
         let env = match EnvFile::load(&cfg.environment_file) {
             Ok(env) => env,
             Err(error) => {
@@ -142,10 +160,16 @@ async fn poll_loop(
                 },
             }
         };
+        let seen = changed.is_some();
         if let Some(etag) = changed {
             last = Some((at, etag));
             queue.push(Trigger::new(TriggerOrigin::Poll));
         }
+        let next = next_interval(interval, every, idle, seen);
+        if next != interval {
+            tracing::debug!(interval_ms = next.as_millis() as u64, "poll interval");
+        }
+        interval = next;
     }
 }
 
@@ -154,4 +178,23 @@ fn signed_expiry(cfg: &Config, object: &s3::S3Object, p: &pointer::Pointer) -> O
     let keys = cfg.source.trusted_keys().ok().flatten()?;
     let statement = pointer::verify(object, p, &keys).ok()?;
     statement.expiry(cfg.source.max_pointer_age.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn idle_polls_stretch_and_a_change_resets_them() {
+        let s = Duration::from_secs;
+        let mut i = s(5);
+        let mut seen = Vec::new();
+        for _ in 0..6 {
+            i = next_interval(i, s(5), s(60), false);
+            seen.push(i.as_secs());
+        }
+        assert_eq!(seen, [10, 20, 40, 60, 60, 60]);
+        assert_eq!(next_interval(i, s(5), s(60), true), s(5));
+        assert_eq!(next_interval(s(5), s(5), Duration::ZERO, false), s(5));
+    }
 }

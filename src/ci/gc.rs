@@ -7,7 +7,8 @@
 //!
 //! - it is not among the newest `--keep N`;
 //! - it is at least `--days D` old;
-//! - no release pointer (`{app}/{environment}/current.json`, of any environment of the app)
+//! - no release pointer (`{app}/{environment}/current.json`, of any environment of the app,
+//!   as its release or as the `previous` release of its wave)
 //!   names an object in it: the artifact an environment is told to run, and its signature,
 //!   are never deleted.
 //!
@@ -193,6 +194,11 @@ pub async fn gc(s3: &Client, req: &GcRequest) -> Result<GcReport, GcError> {
     for (env, pkey) in all_pointers {
         match pointer::read(s3, &S3Object::new(bucket, pkey.clone()), None).await {
             Ok(PointerRead::Changed { pointer, .. }) => {
+                // The previous release of a wave is where the rest of the fleet stays.
+                if let Some(previous) = pointer.rollout.previous {
+                    protected.insert(crate::contract::signature::signature_key(&previous.key));
+                    protected.insert(previous.key);
+                }
                 protected.insert(crate::contract::signature::signature_key(&pointer.key));
                 protected.insert(pointer.key);
             }

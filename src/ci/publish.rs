@@ -57,6 +57,7 @@ use crate::contract::identity::ReleaseIdentity;
 use crate::contract::keys::{self, artifact_key, is_segment};
 use crate::contract::pointer::{self, Pointer, PointerRead, SIGNED_FORMAT, Statement};
 use crate::contract::signature::{self, SignError, SigningKey};
+use crate::contract::wave::{FULL, Previous, Rollout};
 use crate::error::exit_codes;
 use crate::s3::{self as s3mod, S3Failure, S3Object};
 
@@ -99,6 +100,10 @@ pub struct PublishRequest {
     /// report it expired until it is published or refreshed again).
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, requires_all = ["sign", "pointer"])]
     pub expires_in: Option<std::time::Duration>,
+    /// With --pointer: the share of the fleet, in percent, that takes the new release; the
+    /// rest stays on the release the pointer named before (see `deployd rollout`).
+    #[arg(long, default_value_t = FULL, value_parser = clap::value_parser!(u8).range(0..=100), requires = "pointer")]
+    pub percent: u8,
     /// Files larger than this go up as parallel multipart uploads.
     #[arg(long, default_value = "64MiB", value_parser = crate::config::parse_size)]
     pub multipart_threshold: u64,
@@ -370,9 +375,25 @@ pub async fn publish(s3: &Client, req: &PublishRequest) -> Result<Published, Pub
 
     let clock = Instant::now();
     let pointer_at = object.sibling(pointer::pointer_key(&req.app, &req.environment));
+    let previous = if req.pointer || signer.is_some() {
+        current_release(s3, &pointer_at, signer.as_ref()).await
+    } else {
+        None
+    };
+    if req.percent < FULL && previous.is_none() {
+        return Err(PublishError::Usage(format!(
+            "--percent {} needs a release for the rest of the fleet, but {pointer_at} names none this key signed; publish the first release at 100%",
+            req.percent
+        )));
+    }
     let sequence = match &signer {
-        Some(key) => next_sequence(s3, &pointer_at, key, req.now).await,
+        Some(_) => next_sequence(&pointer_at, previous.as_ref(), req.now),
         None => 0,
+    };
+    let rollout = Rollout {
+        percent: req.percent,
+        previous: previous.filter(|p| p.key != key),
+        reverts: None,
     };
     let identity = ReleaseIdentity {
         app: req.app.clone(),
@@ -450,14 +471,18 @@ pub async fn publish(s3: &Client, req: &PublishRequest) -> Result<Published, Pub
                 sequence,
                 published_at,
                 expires_at: expires_at(req.expires_in),
+                rollout: rollout.clone(),
             }
             .sign(signer)?,
-            None => Pointer::unsigned(
-                key.clone(),
-                sha256.clone(),
-                identity.commit.clone(),
-                published_at,
-            ),
+            None => Pointer {
+                rollout: rollout.clone(),
+                ..Pointer::unsigned(
+                    key.clone(),
+                    sha256.clone(),
+                    identity.commit.clone(),
+                    published_at,
+                )
+            },
         };
         upload::put_small(
             s3,
@@ -467,7 +492,15 @@ pub async fn publish(s3: &Client, req: &PublishRequest) -> Result<Published, Pub
             Write::Replace,
         )
         .await?;
-        tracing::info!(pointer = %pointer_at, key = %key, sequence, signed = doc.signed.is_some(), "release pointer updated");
+        tracing::info!(
+            pointer = %pointer_at,
+            key = %key,
+            sequence,
+            percent = rollout.percent,
+            previous = rollout.previous.as_ref().map(|p| p.key.as_str()),
+            signed = doc.signed.is_some(),
+            "release pointer updated"
+        );
         Some(pointer_at.key)
     } else {
         None
@@ -494,28 +527,54 @@ pub(crate) fn expires_at(after: Option<std::time::Duration>) -> Option<String> {
     after.map(|d| humantime::format_rfc3339_seconds(SystemTime::now() + d).to_string())
 }
 
-/// The release sequence of a new signed release: the publish time in milliseconds, or one
-/// above the sequence of the environment's current pointer if that is higher (CI's clock
-/// behind an earlier runner's). Only a pointer this key signed counts; anything else in the
-/// bucket is ignored, so a forged pointer cannot push the sequence.
-async fn next_sequence(s3: &Client, at: &S3Object, key: &SigningKey, now: SystemTime) -> u64 {
-    let now = unix_millis(now);
-    let current = match pointer::read(s3, at, None).await {
-        Ok(PointerRead::Changed { pointer, .. }) => {
-            match key
-                .trusted()
-                .and_then(|keys| pointer::verify(at, &pointer, &keys).map_err(|e| e.to_string()))
-            {
-                Ok(statement) => Some(statement.sequence),
-                Err(reason) => {
-                    tracing::debug!(pointer = %at, %reason, "the current pointer does not set the sequence");
-                    None
-                }
-            }
+/// The release the environment's pointer names now, which becomes the new pointer's
+/// `previous`: with a signing key, only a pointer that key signed counts (anything else in
+/// the bucket is ignored, so a forged pointer cannot push the sequence or become the
+/// fallback); without one, the pointer's readable fields.
+pub(crate) async fn current_release(
+    s3: &Client,
+    at: &S3Object,
+    key: Option<&SigningKey>,
+) -> Option<Previous> {
+    let pointer = match pointer::read(s3, at, None).await {
+        Ok(PointerRead::Changed { pointer, .. }) => pointer,
+        Ok(PointerRead::Unchanged) => return None,
+        Err(error) => {
+            tracing::debug!(pointer = %at, %error, "no current release pointer");
+            return None;
         }
-        Ok(PointerRead::Unchanged) | Err(_) => None,
     };
-    match current {
+    match key {
+        Some(key) => match key
+            .trusted()
+            .and_then(|keys| pointer::verify(at, &pointer, &keys).map_err(|e| e.to_string()))
+        {
+            Ok(s) => Some(Previous {
+                key: s.key,
+                sha256: s.sha256,
+                commit: s.commit,
+                sequence: s.sequence,
+            }),
+            Err(reason) => {
+                tracing::debug!(pointer = %at, %reason, "the current pointer is not one this key signed");
+                None
+            }
+        },
+        None => Some(Previous {
+            key: pointer.key,
+            sha256: pointer.sha256,
+            commit: pointer.commit,
+            sequence: 0,
+        }),
+    }
+}
+
+/// The release sequence of a new signed release: the publish time in milliseconds, or one
+/// above the sequence of the environment's current release if that is higher (CI's clock
+/// behind an earlier runner's).
+fn next_sequence(at: &S3Object, current: Option<&Previous>, now: SystemTime) -> u64 {
+    let now = unix_millis(now);
+    match current.map(|p| p.sequence) {
         Some(seq) if seq >= now => {
             tracing::warn!(pointer = %at, pointer_sequence = seq, clock_ms = now, "this clock is behind the current release's sequence; continuing above it");
             seq + 1

@@ -10,7 +10,7 @@ use super::{Cli, Command, Failure};
 use crate::agent::triggers::{self, Trigger, TriggerOrigin};
 use crate::agent::{self, Agent};
 use crate::ci::publish::{self, CiDefaults};
-use crate::ci::{gc, refresh};
+use crate::ci::{fleet, gc, refresh, rollout};
 use crate::config::Config;
 use crate::config::envfile::EnvFile;
 use crate::contract::signature;
@@ -221,6 +221,41 @@ pub(super) async fn dispatch(cli: Cli, output: Output) -> Result<i32, Failure> {
             println!("re-signed {at} at {published_at}");
             Ok(exit::OK)
         }
+        Command::Rollout(mut req) => {
+            req.signing.sign_password = std::env::var(signature::PASSWORD_ENV).ok();
+            let s3 = crate::s3::client(&cfg.s3).await?;
+            let r = rollout::rollout(&s3, &req).await?;
+            if r.rollout.reverts.is_some() || req.revert {
+                println!("{} names {} again, at 100%", r.at, r.key);
+                return Ok(exit::OK);
+            }
+            println!(
+                "{} names {} at {}%{}",
+                r.at,
+                r.key,
+                r.rollout.percent,
+                r.rollout
+                    .previous
+                    .as_ref()
+                    .map(|p| format!(" (the rest stays on {})", p.key))
+                    .unwrap_or_default()
+            );
+            Ok(exit::OK)
+        }
+        Command::Fleet(super::FleetCommand::Status(mut req)) => {
+            req.signing.sign_password = std::env::var(signature::PASSWORD_ENV).ok();
+            let (report, result) = fleet::status(&cfg, &req).await;
+            if req.json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).unwrap_or_default()
+                );
+            } else {
+                print!("{}", fleet::render(&report));
+            }
+            result?;
+            Ok(exit::OK)
+        }
         Command::CheckConfig => check_config(&cfg).await,
     }
 }
@@ -321,6 +356,19 @@ async fn check_config(cfg: &Config) -> Result<i32, Failure> {
         }
     }
     println!("state dir      {}", cfg.state_dir.display());
+    if cfg.environment.is_empty() {
+        println!(
+            "fleet          app {}, no environment: set `environment` so that `deployd fleet status` finds this host",
+            cfg.app
+        );
+    } else {
+        println!(
+            "fleet          app {}, environment {} (tagged {p}app, {p}environment)",
+            cfg.app,
+            cfg.environment,
+            p = cfg.report.tag_prefix
+        );
+    }
     let mut lines = instance.check().await;
     lines.push(crate::report::metrics::check(cfg));
     for (label, text) in lines {

@@ -110,6 +110,20 @@ pub(crate) enum Command {
     Generate(generate::Generate),
     /// CI: re-sign {app}/{environment}/current.json unchanged, so hosts limiting its age keep it.
     RefreshPointer(crate::ci::refresh::RefreshRequest),
+    /// CI: set the share of the fleet that takes the release {app}/{environment}/current.json
+    /// names (re-signed with --sign); the rest stays on the previous release.
+    Rollout(crate::ci::rollout::RolloutRequest),
+    /// CI: the fleet as its EC2 instance tags report it.
+    #[command(subcommand)]
+    Fleet(FleetCommand),
+}
+
+/// `deployd fleet ...`.
+#[derive(Debug, Subcommand)]
+pub(crate) enum FleetCommand {
+    /// The instances of an app and environment: release, commit, status; with --wait, block
+    /// until the rollout converges (exit 0) or fails (exit 65).
+    Status(crate::ci::fleet::FleetRequest),
 }
 
 fn parse_duration(s: &str) -> Result<HumanDuration, String> {

@@ -72,6 +72,9 @@ impl ExitCode for ConfigError {
 pub struct Config {
     /// Names releases, the container project and legacy templates.
     pub app: String,
+    /// The environment this host belongs to (`prod`, `staging`), tagged as
+    /// `deployd:environment` so that `deployd fleet status` finds the fleet; empty: untagged.
+    pub environment: String,
     /// Releases, `current`, `state.json` (default `/var/lib/deployd`).
     pub state_dir: PathBuf,
     /// `status.json` and `triggers/` live here.
@@ -103,6 +106,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             app: "express-api".into(),
+            environment: String::new(),
             state_dir: "/var/lib/deployd".into(),
             runtime_dir: "/run/deployd".into(),
             environment_file: "/etc/deployd/environment".into(),
@@ -174,6 +178,15 @@ impl Config {
                 format!(
                     "{:?} must be a non-empty name of letters, digits, '-', '_' or '.'",
                     self.app
+                ),
+            ));
+        }
+        if !self.environment.is_empty() && !crate::contract::keys::is_segment(&self.environment) {
+            return Err(self.invalid(
+                "environment",
+                format!(
+                    "{:?} must be a name of letters, digits, '-', '_' or '.'",
+                    self.environment
                 ),
             ));
         }

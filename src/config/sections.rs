@@ -188,6 +188,9 @@ impl Default for ReportConfig {
 pub struct TriggersConfig {
     /// `0s` turns polling off.
     pub poll_interval: HumanDuration,
+    /// While the source stays unchanged, each poll waits twice as long as the last, up to
+    /// this; a change brings the interval back to `poll_interval`. `0s`: never stretch.
+    pub idle_poll_interval: HumanDuration,
     /// Besides root, who may drop trigger files.
     pub trusted_group: String,
 }
@@ -196,6 +199,7 @@ impl Default for TriggersConfig {
     fn default() -> Self {
         TriggersConfig {
             poll_interval: HumanDuration(Duration::ZERO),
+            idle_poll_interval: HumanDuration(Duration::ZERO),
             trusted_group: String::new(),
         }
     }

@@ -65,6 +65,7 @@ use aws_sdk_s3::Client;
 
 use crate::contract::keys::is_sha256_hex;
 use crate::contract::signature::{BytesRefused, SignError, SigningKey, TrustedKeys};
+use crate::contract::wave::Rollout;
 use crate::error::exit_codes;
 use crate::s3::{self, S3Failure, S3Object, SmallBody, read_small_body};
 
@@ -88,6 +89,8 @@ pub struct Pointer {
     pub commit: String,
     /// RFC 3339, when `publish` wrote the pointer.
     pub published_at: String,
+    /// The wave: percent, previous release, the release it reverts (see `contract::wave`).
+    pub rollout: Rollout,
     /// A format-2 pointer's signed part, not yet verified.
     pub signed: Option<SignedPart>,
 }
@@ -125,6 +128,9 @@ pub struct Statement {
     /// RFC 3339, after which the statement no longer holds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<String>,
+    /// The wave (absent fields: 100%, no previous release).
+    #[serde(flatten)]
+    pub rollout: Rollout,
 }
 
 /// The document on the wire: both formats.
@@ -138,6 +144,8 @@ struct Wire {
     commit: String,
     #[serde(default)]
     published_at: String,
+    #[serde(flatten)]
+    rollout: Rollout,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     statement: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -146,6 +154,8 @@ struct Wire {
 
 /// The result of reading a pointer.
 #[derive(Debug, Clone, PartialEq, Eq)]
+// One value per poll, matched at once: boxing the pointer would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 pub enum PointerRead {
     /// The pointer's ETag is still `last_etag` (S3 answered 304).
     Unchanged,
@@ -217,6 +227,7 @@ impl Pointer {
             sha256,
             commit,
             published_at,
+            rollout: Rollout::default(),
             signed: None,
         }
     }
@@ -227,6 +238,7 @@ impl Pointer {
         let wire: Wire =
             serde_json::from_slice(bytes).map_err(|e| format!("it is not pointer JSON ({e})"))?;
         check_key_and_sha(&wire.key, &wire.sha256)?;
+        wire.rollout.check()?;
         let signed = match (wire.statement, wire.minisig) {
             (None, None) => None,
             (Some(statement), Some(minisig)) => {
@@ -234,6 +246,12 @@ impl Pointer {
                 if s.key != wire.key || !s.sha256.eq_ignore_ascii_case(&wire.sha256) {
                     return Err(
                         "its readable key and sha256 differ from its signed statement".into(),
+                    );
+                }
+                if s.rollout != wire.rollout {
+                    return Err(
+                        "its readable percent and previous release differ from its signed statement"
+                            .into(),
                     );
                 }
                 Some(SignedPart { statement, minisig })
@@ -252,6 +270,7 @@ impl Pointer {
             sha256: wire.sha256.to_ascii_lowercase(),
             commit: wire.commit,
             published_at: wire.published_at,
+            rollout: wire.rollout,
             signed,
         })
     }
@@ -264,6 +283,7 @@ impl Pointer {
             sha256: self.sha256.clone(),
             commit: self.commit.clone(),
             published_at: self.published_at.clone(),
+            rollout: self.rollout.clone(),
             statement: self.signed.as_ref().map(|s| s.statement.clone()),
             minisig: self.signed.as_ref().map(|s| s.minisig.clone()),
         };
@@ -301,6 +321,7 @@ impl Statement {
             ));
         }
         check_key_and_sha(&s.key, &s.sha256)?;
+        s.rollout.check()?;
         s.sha256.make_ascii_lowercase();
         parse_time("published_at", &s.published_at)?;
         if let Some(at) = &s.expires_at {
@@ -344,6 +365,7 @@ impl Statement {
             sha256: self.sha256.clone(),
             commit: self.commit.clone(),
             published_at: self.published_at.clone(),
+            rollout: self.rollout.clone(),
             signed: Some(SignedPart { statement, minisig }),
         })
     }
@@ -487,6 +509,7 @@ pub(crate) mod tests {
             sequence: 7,
             published_at: "2026-11-05T10:15:00Z".into(),
             expires_at: None,
+            rollout: Rollout::default(),
         }
     }
 
@@ -536,6 +559,38 @@ pub(crate) mod tests {
         doc.key = "web/prod/evil/web-deployment.tar.gz".into();
         let err = Pointer::parse(doc.to_json().as_bytes()).unwrap_err();
         assert!(err.contains("differ"), "{err}");
+    }
+
+    #[test]
+    fn waves_are_signed_and_old_pointers_read_as_full() {
+        let (key, trusted, _dir) = signer();
+        let object = S3Object::new("b", "web/prod/current.json");
+        let mut s = statement();
+        s.rollout = Rollout {
+            percent: 30,
+            previous: Some(crate::contract::wave::Previous {
+                key: "web/prod/old/web-deployment.tar.gz".into(),
+                sha256: "cd".repeat(32),
+                commit: "d".repeat(40),
+                sequence: 3,
+            }),
+            reverts: None,
+        };
+        let doc = s.sign(&key).unwrap();
+        let text = doc.to_json();
+        assert!(text.contains("\"percent\": 30"), "{text}");
+        let read = Pointer::parse(text.as_bytes()).unwrap();
+        assert_eq!(verify(&object, &read, &trusted).unwrap(), s);
+        // The readable copy cannot claim another wave than the signed one.
+        let mut forged = read.clone();
+        forged.rollout.percent = 100;
+        let err = Pointer::parse(forged.to_json().as_bytes()).unwrap_err();
+        assert!(err.contains("percent"), "{err}");
+        // A pointer without the fields (written before waves) is a 100% pointer.
+        let old = statement().sign(&key).unwrap();
+        assert!(!old.to_json().contains("percent"));
+        let back = Pointer::parse(old.to_json().as_bytes()).unwrap();
+        assert_eq!(back.rollout, Rollout::default());
     }
 
     #[test]

@@ -180,7 +180,7 @@ impl Deployer {
         let state = self.host().roll_back_to(&manifest, attempt.clone())?;
         self.reporter
             .serving(state.current.clone(), Some(attempt.clone()));
-        self.report_outward(&attempt, state.current.as_ref(), false)
+        self.report_outward(&attempt, state.current.as_ref(), false, None)
             .await;
         tracing::info!(release = %target, "rolled back");
         Ok(target)

@@ -66,6 +66,28 @@ use trust::TrustError;
 use unpack::UnpackError;
 use verify::{Verified, VerifyError};
 
+/// How long an attempt runs before the instance is tagged `deploying` even though it has not
+/// yet found that it has work to do.
+const DEPLOYING_TAG_DELAY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// What one attempt aims at, learnt as the pipeline goes.
+struct Aim {
+    /// The artifact, as soon as it is known.
+    object: Option<S3Object>,
+    /// The commit it was built from, as soon as it is known.
+    commit: Option<String>,
+    /// Told when the release is found not to be serving already.
+    started: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Aim {
+    fn begin(&mut self) {
+        if let Some(tx) = self.started.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
 /// What to deploy and how.
 #[derive(Debug, Clone, Default)]
 pub struct Request {
@@ -230,7 +252,7 @@ impl Deployer {
     /// A deployer for `cfg`, reporting through `reporter`.
     pub fn new(cfg: Config, s3: Client, reporter: Arc<Reporter>) -> Deployer {
         Deployer {
-            instance: Arc::new(Instance::new(&cfg.report)),
+            instance: Arc::new(Instance::of_fleet(&cfg.report, &cfg.app, &cfg.environment)),
             metrics: Metrics::new(&cfg),
             layout: Layout::new(cfg.paths()),
             cfg,
@@ -320,10 +342,29 @@ impl Deployer {
         let clock = Instant::now();
         self.reporter.begin(&req.trigger);
         self.instance.new_deployment();
-        let mut target: Option<S3Object> = None;
-        let deploying = Update::deploying();
-        let tag_start = self.instance.write_tags(&deploying);
-        let ((), result) = tokio::join!(tag_start, self.run(req, &mut target));
+        let (started, begun) = tokio::sync::oneshot::channel();
+        let mut aim = Aim {
+            object: None,
+            commit: None,
+            started: Some(started),
+        };
+        // "deploying" is tagged once the release is found not to be serving already, or after
+        // DEPLOYING_TAG_DELAY; an attempt that ends sooner (nothing to do) writes no tag.
+        let tag_start = async {
+            let write = match tokio::time::timeout(DEPLOYING_TAG_DELAY, begun).await {
+                // Past the "already serving" check.
+                Ok(Ok(())) => true,
+                // The attempt ended first.
+                Ok(Err(_)) => false,
+                // Still running after the delay (a wait for the artifact, say).
+                Err(_) => true,
+            };
+            if write {
+                self.instance.write_tags(&Update::deploying()).await;
+            }
+        };
+        let ((), result) = tokio::join!(tag_start, self.run(req, &mut aim));
+        let target = aim.object.clone();
 
         let (outcome, release, error, code) = match &result {
             Ok(Done::Deployed { release }) => (Outcome::Deployed, Some(release.clone()), None, 0),
@@ -356,7 +397,9 @@ impl Deployer {
             }
         };
         self.reporter.finish(&attempt, serving.clone());
-        self.report_outward(&attempt, serving.as_ref(), true).await;
+        let commit = aim.commit.clone().unwrap_or_default();
+        self.report_outward(&attempt, serving.as_ref(), true, Some(&commit))
+            .await;
         let result = match (result, recorded) {
             (Ok(_), Err(error)) => Err(HostError::State(error).into()),
             (result, _) => result,
@@ -378,8 +421,8 @@ impl Deployer {
         result
     }
 
-    /// The pipeline; `target` learns the artifact as soon as it is known.
-    async fn run(&self, req: &Request, target: &mut Option<S3Object>) -> Result<Done, DeployError> {
+    /// The pipeline; `aim` learns the artifact and its commit as soon as they are known.
+    async fn run(&self, req: &Request, aim: &mut Aim) -> Result<Done, DeployError> {
         // Under the lock: whatever a killed run left (staging trees, temporary files, a
         // `current` naming an incomplete release) is cleaned up before anything else, by a
         // one-shot `deploy` as much as by the daemon.
@@ -398,9 +441,10 @@ impl Deployer {
                 &self.instance,
             ))
             .await?;
-        *target = Some(artifact.object.clone());
-        let (artifact, statement) = self.follow_pointer(artifact, keys.as_ref()).await?;
-        *target = Some(artifact.object.clone());
+        aim.object = Some(artifact.object.clone());
+        let (artifact, statement, commit) = self.follow_pointer(artifact, keys.as_ref()).await?;
+        aim.object = Some(artifact.object.clone());
+        aim.commit = commit;
         self.reporter.artifact(&artifact.object);
         if artifact.origin == Origin::Legacy {
             tracing::warn!(
@@ -419,6 +463,9 @@ impl Deployer {
             let verified = self
                 .cancellable(verify::verify(&self.s3, &artifact, &self.cfg.source))
                 .await?;
+            if aim.commit.as_deref().is_none_or(str::is_empty) {
+                aim.commit = verified.commit().map(str::to_string);
+            }
             // A signature's identity is checked before "already serving": an old release
             // copied over the requested key must be refused, not reported as unchanged.
             let signed = match &keys {
@@ -436,8 +483,9 @@ impl Deployer {
                 tracing::info!(release = %release, "this artifact is already serving; nothing to do (use --force to redeploy it)");
                 return Ok(Done::Unchanged { release });
             }
+            aim.begin();
             let signed = match signed {
-                Some(s) => Some(self.check_sequence(s, req)?),
+                Some(s) => Some(self.check_sequence(s, req, statement.as_ref())?),
                 None => None,
             };
             self.reporter
@@ -546,6 +594,7 @@ impl Deployer {
         attempt: &Attempt,
         serving: Option<&crate::contract::state::ReleaseSummary>,
         deployment: bool,
+        target: Option<&str>,
     ) {
         let artifact_bytes = serving
             .and_then(|r| self.layout.manifest(&r.id).ok())
@@ -558,6 +607,7 @@ impl Deployer {
             serving,
             artifact_bytes,
             deployment,
+            target,
         )
         .await;
     }

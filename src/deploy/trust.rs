@@ -32,6 +32,7 @@ use crate::contract::pointer::{self, PointerRead, Statement};
 use crate::contract::signature::{self, SUFFIX, Signed, TrustedKeys};
 use crate::contract::state::HighWater;
 use crate::contract::state::Stage;
+use crate::contract::wave::{self, Choice, Rollout};
 use crate::error::{ExitCode, exit};
 use crate::s3::S3Object;
 
@@ -213,13 +214,19 @@ impl Deployer {
     /// Reads the release pointer `artifact` names, if it is one, and returns the artifact the
     /// pointer names, with the pointer's SHA-256 as the expected digest. With trusted `keys`
     /// the pointer must be signed, and its statement bound to this place and still valid.
+    ///
+    /// A pointer that names its release for part of the fleet only (`percent`, see
+    /// [`crate::contract::wave`]) yields the previous release when this host is outside the
+    /// wave and does not serve the release already; the statement returned then describes
+    /// that release (its key, digest, commit and sequence, as signed in `previous`). The
+    /// commit returned is the one aimed at.
     pub(super) async fn follow_pointer(
         &self,
         artifact: Artifact,
         keys: Option<&TrustedKeys>,
-    ) -> Result<(Artifact, Option<Statement>), DeployError> {
+    ) -> Result<(Artifact, Option<Statement>, Option<String>), DeployError> {
         if !artifact.origin.is_pointer() {
-            return Ok((artifact, None));
+            return Ok((artifact, None, None));
         }
         self.reporter
             .stage(Stage::ReadingPointer, Some(artifact.to_string()));
@@ -245,16 +252,60 @@ impl Deployer {
             }
             None => None,
         };
-        let (key, sha256) = match &statement {
-            Some(s) => (s.key.clone(), s.sha256.clone()),
-            None => (pointer.key.clone(), pointer.sha256.clone()),
+        let mut statement = statement;
+        let (mut key, mut sha256, mut commit, rollout) = match &statement {
+            Some(s) => (
+                s.key.clone(),
+                s.sha256.clone(),
+                s.commit.clone(),
+                s.rollout.clone(),
+            ),
+            None => (
+                pointer.key.clone(),
+                pointer.sha256.clone(),
+                pointer.commit.clone(),
+                pointer.rollout.clone(),
+            ),
         };
+        if let (true, Some(previous)) = (rollout.partial(), &rollout.previous) {
+            let serving = self.host().load()?.current.map(|c| c.sha256);
+            let member = match self.instance.member_id().await {
+                Ok(m) => Some(m),
+                Err(reason) => {
+                    tracing::warn!(%reason, "this host has no member id for the rollout wave; it stays outside the wave");
+                    None
+                }
+            };
+            let choice = wave::choose(&rollout, &sha256, member.as_deref(), serving.as_deref());
+            tracing::info!(
+                pointer = %artifact,
+                member = member.as_deref().unwrap_or("-"),
+                percent = rollout.percent,
+                slot = member.as_deref().map(|m| wave::slot(m, &sha256)),
+                in_wave = choice == Choice::Release,
+                release = %key,
+                previous = %previous.key,
+                "rollout wave"
+            );
+            if choice == Choice::Previous {
+                key = previous.key.clone();
+                sha256 = previous.sha256.clone();
+                commit = previous.commit.clone();
+                if let Some(s) = statement.as_mut() {
+                    s.key = key.clone();
+                    s.sha256 = sha256.clone();
+                    s.commit = commit.clone();
+                    s.sequence = previous.sequence;
+                    s.rollout = Rollout::default();
+                }
+            }
+        }
         tracing::info!(
             pointer = %artifact,
             pointer_etag = %etag,
             key = %key,
             sha256 = %sha256,
-            commit = %pointer.commit,
+            commit = %commit,
             published_at = %pointer.published_at,
             sequence = statement.as_ref().map(|s| s.sequence),
             "following release pointer"
@@ -264,7 +315,7 @@ impl Deployer {
             origin: artifact.origin,
             expected_sha256: Some(sha256),
         };
-        Ok((followed, statement))
+        Ok((followed, statement, Some(commit)))
     }
 
     /// Fetches the artifact's signature and checks the release identity it carries against
@@ -285,14 +336,29 @@ impl Deployer {
     }
 
     /// Checks a signed release against the newest one accepted here (the high-water mark).
+    /// A signed pointer that reverts a release (`reverts`) allows going back from it, and from
+    /// nothing newer.
     pub(super) fn check_sequence(
         &self,
         mut release: SignedRelease,
         req: &Request,
+        statement: Option<&Statement>,
     ) -> Result<SignedRelease, DeployError> {
         let (object, identity) = (&release.signed.object, &release.identity);
         let high_water = self.host().high_water(&identity.scope())?;
-        check_sequence(object, identity, high_water.as_ref(), req.allow_downgrade)?;
+        let reverting = statement
+            .and_then(|s| s.rollout.reverts)
+            .zip(high_water.as_ref())
+            .is_some_and(|(reverts, hw)| hw.sequence <= reverts);
+        if reverting {
+            tracing::info!(artifact = %object, "going back to the previous release, as the signed pointer's revert allows");
+        }
+        check_sequence(
+            object,
+            identity,
+            high_water.as_ref(),
+            req.allow_downgrade || reverting,
+        )?;
         release.downgrade = high_water.is_some_and(|hw| identity.sequence < hw.sequence);
         tracing::info!(
             artifact = %object,

@@ -30,6 +30,33 @@ impl Instance {
         }
     }
 
+    /// The instance of a host of `app` in `environment`, which its tags say.
+    pub fn of_fleet(report: &ReportConfig, app: &str, environment: &str) -> Instance {
+        Instance {
+            imds: Imds::new(),
+            tags: Ec2Tags::new(report).with_fleet(app, environment),
+        }
+    }
+
+    /// This host's id in a rollout wave: the EC2 instance id, else `/etc/machine-id`.
+    pub async fn member_id(&self) -> Result<String, String> {
+        let imds = match self.imds.identity().await {
+            Ok(id) => return Ok(id.instance_id.clone()),
+            Err(e) => e,
+        };
+        match std::fs::read_to_string(crate::contract::wave::MACHINE_ID) {
+            Ok(text) if !text.trim().is_empty() => Ok(text.trim().to_string()),
+            Ok(_) => Err(format!(
+                "{imds}, and {} is empty",
+                crate::contract::wave::MACHINE_ID
+            )),
+            Err(e) => Err(format!(
+                "{imds}, and {} cannot be read ({e})",
+                crate::contract::wave::MACHINE_ID
+            )),
+        }
+    }
+
     /// The instance identity document (account, region, instance id, zone).
     pub async fn identity(&self) -> Result<&Identity, ImdsError> {
         self.imds.identity().await

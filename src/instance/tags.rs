@@ -10,11 +10,16 @@
 //! | `deployd:commit` | its commit (`commit-sha` metadata; empty if unknown) |
 //! | `deployd:updated` | RFC 3339 time of this update |
 //! | `deployd:error` | on failure, the first 255 characters of the error with anything that looks like a credential or query string removed; empty otherwise |
+//! | `deployd:target` | the commit the last attempt aimed at (empty if unknown): with `status` `failed` or `rolled-back`, the release that failed here |
+//! | `deployd:app`, `deployd:environment` | the config's `app` and `environment` (the latter only when set), so that `deployd fleet status` finds the fleet |
 //!
 //! so that one `aws ec2 describe-tags --filters Name=key,Values=deployd:status` shows a whole
 //! fleet. The instance id and region come from IMDSv2 ([`crate::instance::imds`]); the endpoint is
 //! `[report] ec2_endpoint_url`, else the SDK's own resolution (`AWS_ENDPOINT_URL_EC2`,
 //! `AWS_ENDPOINT_URL`).
+//!
+//! A write identical to the last one this process made (the `updated` time aside) is skipped,
+//! so a deployment that finds its release already serving costs no EC2 request.
 //!
 //! Tagging is a report, never a gate: a tag write is bounded by [`TAG_TIMEOUT`] (throttling is
 //! retried by the SDK inside that bound), a failure is logged and the deployment goes on. When
@@ -75,6 +80,8 @@ pub struct Update {
     pub commit: Option<String>,
     /// The failure, sanitised by [`Update::pairs`]; `Some("")` clears a previous one.
     pub error: Option<String>,
+    /// The commit the attempt aimed at; `Some("")` when unknown.
+    pub target: Option<String>,
 }
 
 impl Update {
@@ -85,6 +92,7 @@ impl Update {
             release: None,
             commit: None,
             error: None,
+            target: None,
         }
     }
 
@@ -94,7 +102,11 @@ impl Update {
             (format!("{prefix}status"), self.status.as_str().to_string()),
             (format!("{prefix}updated"), now_rfc3339()),
         ];
-        for (name, value) in [("release", &self.release), ("commit", &self.commit)] {
+        for (name, value) in [
+            ("release", &self.release),
+            ("commit", &self.commit),
+            ("target", &self.target),
+        ] {
             if let Some(v) = value {
                 out.push((format!("{prefix}{name}"), v.chars().take(256).collect()));
             }
@@ -179,6 +191,10 @@ pub struct Ec2Tags {
     writes_off: Mutex<Option<String>>,
     /// The instance's tags, read at most once per deployment.
     read: tokio::sync::Mutex<TagCache>,
+    /// Tags written with every update: `app` and `environment`.
+    fleet: Vec<(String, String)>,
+    /// The last pairs written (without `updated`), to skip writing them again.
+    last: Mutex<Option<Vec<(String, String)>>>,
 }
 
 impl std::fmt::Debug for Ec2Tags {
@@ -200,7 +216,47 @@ impl Ec2Tags {
             target: OnceCell::new(),
             writes_off: Mutex::new(writes_off),
             read: tokio::sync::Mutex::new(None),
+            fleet: Vec::new(),
+            last: Mutex::new(None),
         }
+    }
+
+    /// Adds `app` and `environment` (when not empty) to every write.
+    pub fn with_fleet(mut self, app: &str, environment: &str) -> Ec2Tags {
+        let p = &self.cfg.tag_prefix;
+        self.fleet = [("app", app), ("environment", environment)]
+            .into_iter()
+            .filter(|(_, v)| !v.is_empty())
+            .map(|(k, v)| (format!("{p}{k}"), v.to_string()))
+            .collect();
+        self
+    }
+
+    /// The pairs `update` writes: its own and the fleet's.
+    fn all_pairs(&self, update: &Update) -> Vec<(String, String)> {
+        let mut pairs = update.pairs(&self.cfg.tag_prefix);
+        pairs.extend(self.fleet.iter().cloned());
+        pairs
+    }
+
+    /// True when `pairs` (without `updated`) are what was written last; else remembers them.
+    fn unchanged(&self, pairs: &[(String, String)]) -> bool {
+        let updated = format!("{}updated", self.cfg.tag_prefix);
+        let key: Vec<(String, String)> = pairs
+            .iter()
+            .filter(|(k, _)| *k != updated)
+            .cloned()
+            .collect();
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        if last.as_ref() == Some(&key) {
+            return true;
+        }
+        *last = Some(key);
+        false
+    }
+
+    fn forget_last(&self) {
+        *self.last.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
 
     /// Why tag writes are off, if they are.
@@ -268,6 +324,13 @@ impl Ec2Tags {
         if self.off_reason().is_some() {
             return;
         }
+        if self.unchanged(&self.all_pairs(update)) {
+            tracing::debug!(
+                status = update.status.as_str(),
+                "EC2 instance tags already say this; not writing them again"
+            );
+            return;
+        }
         let started = std::time::Instant::now();
         // Boxed: the SDK's request futures are deep, and this one is awaited inside the
         // deployment's own future.
@@ -281,10 +344,13 @@ impl Ec2Tags {
             ),
             Ok(Err(WriteFailure::Permanent(reason))) => self.turn_off(reason, true),
             Ok(Err(WriteFailure::Disabled(reason))) => self.turn_off(reason, false),
-            Ok(Err(WriteFailure::Transient(reason))) => tracing::warn!(
-                %reason,
-                "could not write EC2 instance tags; the deployment goes on"
-            ),
+            Ok(Err(WriteFailure::Transient(reason))) => {
+                self.forget_last();
+                tracing::warn!(
+                    %reason,
+                    "could not write EC2 instance tags; the deployment goes on"
+                )
+            }
             // Still no identity after the whole budget: IMDS is black-holed (not on EC2).
             Err(_) if self.target.get().is_none() => self.turn_off(
                 format!(
@@ -293,11 +359,14 @@ impl Ec2Tags {
                 ),
                 true,
             ),
-            Err(_) => tracing::warn!(
-                timeout_s = TAG_TIMEOUT.as_secs(),
-                "writing EC2 instance tags took longer than {}s; the deployment goes on",
-                TAG_TIMEOUT.as_secs()
-            ),
+            Err(_) => {
+                self.forget_last();
+                tracing::warn!(
+                    timeout_s = TAG_TIMEOUT.as_secs(),
+                    "writing EC2 instance tags took longer than {}s; the deployment goes on",
+                    TAG_TIMEOUT.as_secs()
+                )
+            }
         }
     }
 
@@ -316,7 +385,7 @@ impl Ec2Tags {
             .create_tags()
             .resources(&target.instance_id)
             .dry_run(dry_run);
-        for (key, value) in update.pairs(&self.cfg.tag_prefix) {
+        for (key, value) in self.all_pairs(update) {
             req = req.tags(Tag::builder().key(key).value(value).build());
         }
         match req.send().await {
@@ -420,6 +489,7 @@ impl Ec2Tags {
                 release: None,
                 commit: None,
                 error: None,
+                target: None,
             };
             let probe = Box::pin(self.try_write(imds, &probe, true));
             match tokio::time::timeout(TAG_TIMEOUT, probe).await {
@@ -570,6 +640,7 @@ mod tests {
             release: Some("20250101-120000-622d2103".into()),
             commit: Some("622d2103".into()),
             error: Some("x?token=1".into()),
+            target: Some("622d2103".into()),
         };
         let pairs: BTreeMap<String, String> = u.pairs("deployd:").into_iter().collect();
         assert_eq!(pairs["deployd:status"], "failed");
@@ -582,7 +653,7 @@ mod tests {
             .map(|(k, _)| k)
             .collect();
         assert_eq!(keys, ["p:status", "p:updated"]);
-        const TAG_NAMES: [&str; 5] = ["status", "release", "commit", "updated", "error"];
+        const TAG_NAMES: [&str; 6] = ["status", "release", "commit", "updated", "error", "target"];
         for (k, _) in u.pairs("deployd:") {
             assert!(TAG_NAMES.iter().any(|n| k == format!("deployd:{n}")));
         }

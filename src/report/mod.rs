@@ -19,6 +19,8 @@ use crate::instance::tags::{TagStatus, Update};
 
 /// Reports how an attempt ended to the metrics file and the EC2 instance tags. `deployment`
 /// is false for a rollback, which keeps the last deployment's stage timings and cache figures.
+/// `target` is the commit the attempt aimed at (`None` leaves the tag as it is).
+#[allow(clippy::too_many_arguments)] // One report, told once; a struct would only rename them.
 pub async fn outward(
     metrics: &metrics::Metrics,
     instance: &Instance,
@@ -27,6 +29,7 @@ pub async fn outward(
     serving: Option<&ReleaseSummary>,
     artifact_bytes: Option<u64>,
     deployment: bool,
+    target: Option<&str>,
 ) {
     metrics.record(&metrics::Report {
         attempt: Some(attempt),
@@ -46,6 +49,7 @@ pub async fn outward(
             release: Some(serving.map(|r| r.id.clone()).unwrap_or_default()),
             commit: Some(serving.and_then(|r| r.commit.clone()).unwrap_or_default()),
             error: Some(attempt.error.clone().unwrap_or_default()),
+            target: target.map(str::to_string),
         })
         .await;
 }
