@@ -509,19 +509,7 @@ pub fn render(report: &Report) -> String {
             },
         ]);
     }
-    let widths: Vec<usize> = (0..6)
-        .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
-        .collect();
-    let mut out = String::new();
-    for row in &rows {
-        let line: Vec<String> = row
-            .iter()
-            .zip(&widths)
-            .map(|(cell, w)| format!("{cell:<w$}"))
-            .collect();
-        out.push_str(line.join("  ").trim_end());
-        out.push('\n');
-    }
+    let mut out = crate::report::columns(&rows);
     let mut by_commit: std::collections::BTreeMap<String, usize> = Default::default();
     for m in &report.instances {
         *by_commit.entry(short(&m.commit)).or_default() += 1;

@@ -13,17 +13,16 @@
 //!    with `--expires-in`, a new `expires_at`;
 //! 5. writes it with `If-Match: <ETag>`, so a `publish` that moved the pointer meanwhile wins
 //!    (exit 75, run again).
+//!
+//! These are the steps of every pointer rewrite ([`super::rollout::rewrite`]); a refresh is the
+//! rewrite that changes nothing else.
 
 use std::path::PathBuf;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use aws_sdk_s3::Client;
 
-use super::publish::expires_at;
-use super::upload::{self, UploadError, Write};
-use crate::contract::pointer::{self, PointerError, PointerRead};
-use crate::contract::signature::{PublicKeys, SignError, SigningKey, TrustedKeys};
-use crate::error::exit_codes;
+use super::rollout::{Edit, RolloutError, Signing, rewrite};
 use crate::s3::S3Object;
 
 /// The arguments of `deployd refresh-pointer`.
@@ -46,87 +45,19 @@ pub struct RefreshRequest {
     pub sign_password: Option<String>,
 }
 
-/// Why the pointer was not re-signed.
-#[derive(Debug, thiserror::Error)]
-pub enum RefreshError {
-    /// A bad argument.
-    #[error("{0}")]
-    Usage(String),
-    /// Not an `s3://bucket/key` URL.
-    #[error(transparent)]
-    Url(#[from] crate::s3::BadS3Url),
-    /// The signing key cannot be used.
-    #[error(transparent)]
-    Sign(#[from] SignError),
-    /// The pointer cannot be read, or no trusted key signed it.
-    #[error(transparent)]
-    Pointer(#[from] PointerError),
-    /// The pointer was signed for another place (a copy).
-    #[error(
-        "release pointer {object} is signed for pointer {signed:?}, not for where it was found; refusing to re-sign a copy"
-    )]
-    Foreign {
-        /// The pointer.
-        object: S3Object,
-        /// The pointer key it was signed for.
-        signed: String,
-    },
-    /// Writing it failed, or it changed meanwhile.
-    #[error(transparent)]
-    Upload(#[from] UploadError),
-}
-
-exit_codes!(RefreshError {
-    Usage(_) => USAGE,
-    Url(e) => e.exit_code(),
-    Sign(e) => e.exit_code(),
-    Pointer(e) => e.exit_code(),
-    Foreign { .. } => DATAERR,
-    Upload(e) => e.exit_code(),
-});
-
-/// Re-signs the pointer; returns it and its new `published_at`.
+/// Re-signs the pointer (the same release, sequence and wave); returns it and its new
+/// `published_at`.
 pub async fn refresh(
     s3: &Client,
     req: &RefreshRequest,
-) -> Result<(S3Object, String), RefreshError> {
-    let key = SigningKey::load(&req.sign, req.sign_password.clone())?;
-    let mut texts = vec![key.public_key_base64()];
-    texts.extend(req.trust.iter().cloned());
-    let trusted: TrustedKeys = PublicKeys::Many(texts)
-        .trusted()
-        .map_err(|e| RefreshError::Usage(format!("--trust {e}")))?;
+) -> Result<(S3Object, String), RolloutError> {
     let at = S3Object::parse_url(&req.pointer)?;
-    let PointerRead::Changed { pointer, etag } = pointer::read(s3, &at, None).await? else {
-        return Err(RefreshError::Usage(format!(
-            "release pointer {at} answered 304 to an unconditional read"
-        )));
+    let signing = Signing {
+        sign: Some(req.sign.clone()),
+        trust: req.trust.clone(),
+        expires_in: req.expires_in,
+        sign_password: req.sign_password.clone(),
     };
-    let mut statement = pointer::verify(&at, &pointer, &trusted)?;
-    if statement.pointer != at.key {
-        return Err(RefreshError::Foreign {
-            object: at,
-            signed: statement.pointer,
-        });
-    }
-    statement.published_at = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
-    statement.expires_at = expires_at(req.expires_in);
-    let doc = statement.sign(&key)?;
-    upload::put_small(
-        s3,
-        &at,
-        doc.to_json().into_bytes(),
-        "application/json",
-        Write::IfMatch(etag),
-    )
-    .await?;
-    tracing::info!(
-        pointer = %at,
-        key = %statement.key,
-        sequence = statement.sequence,
-        published_at = %statement.published_at,
-        expires_at = statement.expires_at.as_deref(),
-        "release pointer re-signed"
-    );
-    Ok((at, statement.published_at))
+    let done = rewrite(s3, &at, &signing, Edit::Refresh).await?;
+    Ok((done.at, done.published_at))
 }

@@ -75,6 +75,8 @@ pub enum Edit {
     Percent(u8),
     /// Name the previous release again, at 100%.
     Revert,
+    /// Change nothing but the signing time (and expiry): `refresh-pointer`.
+    Refresh,
 }
 
 /// The pointer as rewritten.
@@ -90,6 +92,8 @@ pub struct Rewritten {
     pub commit: String,
     /// Its wave.
     pub rollout: Rollout,
+    /// When it was written (RFC 3339; for a signed pointer, the signed `published_at`).
+    pub published_at: String,
 }
 
 /// Why the pointer was not rewritten.
@@ -98,6 +102,9 @@ pub enum RolloutError {
     /// A bad argument, or a change the pointer cannot take.
     #[error("{0}")]
     Usage(String),
+    /// Not an `s3://bucket/key` URL.
+    #[error(transparent)]
+    Url(#[from] crate::s3::BadS3Url),
     /// The signing key cannot be used.
     #[error(transparent)]
     Sign(#[from] SignError),
@@ -126,6 +133,7 @@ pub enum RolloutError {
 
 exit_codes!(RolloutError {
     Usage(_) => USAGE,
+    Url(e) => e.exit_code(),
     Sign(e) => e.exit_code(),
     Pointer(e) => e.exit_code(),
     Foreign { .. } | NothingToRevert(_) => DATAERR,
@@ -169,6 +177,7 @@ fn apply(at: &S3Object, edit: Edit, m: Meaning<'_>) -> Result<u64, RolloutError>
             };
             Ok(previous.sequence)
         }
+        Edit::Refresh => Ok(m.sequence),
     }
 }
 
@@ -263,6 +272,7 @@ pub async fn rewrite(
         sha256: doc.sha256,
         commit: doc.commit,
         rollout: doc.rollout,
+        published_at: doc.published_at,
     })
 }
 

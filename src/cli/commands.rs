@@ -308,17 +308,7 @@ fn releases(cfg: &Config, json: bool) -> Result<i32, Failure> {
             or_dash(r.artifact.as_ref().map(ToString::to_string).as_deref()),
         ]);
     }
-    let widths: Vec<usize> = (0..6)
-        .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
-        .collect();
-    for row in &rows {
-        let line: Vec<String> = row
-            .iter()
-            .zip(&widths)
-            .map(|(cell, w)| format!("{cell:<w$}"))
-            .collect();
-        println!("{}", line.join("  ").trim_end());
-    }
+    print!("{}", crate::report::columns(&rows));
     Ok(exit::OK)
 }
 
