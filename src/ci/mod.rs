@@ -15,3 +15,30 @@ pub mod publish;
 pub mod refresh;
 pub mod rollout;
 pub mod upload;
+
+use crate::contract::pointer::pointer_key;
+use crate::s3::S3Object;
+
+/// Where an environment's releases live: the arguments `publish` and `rollout` share.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Place {
+    /// The bucket.
+    #[arg(long)]
+    pub bucket: String,
+    /// The app: the first key segment.
+    #[arg(long)]
+    pub app: String,
+    /// The environment, the second key segment: prod, staging, pr-51, …
+    #[arg(long)]
+    pub environment: String,
+}
+
+impl Place {
+    /// The environment's release pointer, `s3://{bucket}/{app}/{environment}/current.json`.
+    pub fn pointer(&self) -> S3Object {
+        S3Object::new(
+            self.bucket.clone(),
+            pointer_key(&self.app, &self.environment),
+        )
+    }
+}

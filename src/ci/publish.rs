@@ -69,15 +69,9 @@ pub const DEFAULT_CONCURRENCY: usize = 8;
 pub struct PublishRequest {
     /// The artifact (a .tar.gz built by CI).
     pub file: PathBuf,
-    /// The bucket to publish to.
-    #[arg(long)]
-    pub bucket: String,
-    /// The app: the first key segment.
-    #[arg(long)]
-    pub app: String,
-    /// The environment, the second key segment: prod, staging, pr-51, …
-    #[arg(long)]
-    pub environment: String,
+    /// Where: bucket, app and environment.
+    #[command(flatten)]
+    pub place: super::Place,
     /// Full commit id; the key uses its first 8 characters [default: GITHUB_SHA].
     #[arg(long)]
     pub commit: Option<String>,
@@ -238,10 +232,13 @@ exit_codes!(PublishError {
 
 impl PublishRequest {
     fn check(&self) -> Result<(), PublishError> {
-        if self.bucket.is_empty() {
+        if self.place.bucket.is_empty() {
             return Err(PublishError::Usage("--bucket must not be empty".into()));
         }
-        for (flag, v) in [("--app", &self.app), ("--environment", &self.environment)] {
+        for (flag, v) in [
+            ("--app", &self.place.app),
+            ("--environment", &self.place.environment),
+        ] {
             if !is_segment(v) {
                 return Err(PublishError::Usage(format!(
                     "{flag} {v:?} must be a name of letters, digits, '-', '_' or '.'"
@@ -356,8 +353,13 @@ pub async fn publish(s3: &Client, req: &PublishRequest) -> Result<Published, Pub
         Some(path) => Some(SigningKey::load(path, req.sign_password.clone())?),
         None => None,
     };
-    let key = artifact_key(&req.app, &req.environment, req.commit(), req.now);
-    let object = S3Object::new(req.bucket.clone(), key.clone());
+    let key = artifact_key(
+        &req.place.app,
+        &req.place.environment,
+        req.commit(),
+        req.now,
+    );
+    let object = S3Object::new(req.place.bucket.clone(), key.clone());
 
     // A clear answer before hashing and uploading a large file; the conditional write below
     // closes the race this check leaves open.
@@ -374,7 +376,7 @@ pub async fn publish(s3: &Client, req: &PublishRequest) -> Result<Published, Pub
     }
 
     let clock = Instant::now();
-    let pointer_at = object.sibling(pointer::pointer_key(&req.app, &req.environment));
+    let pointer_at = object.sibling(pointer::pointer_key(&req.place.app, &req.place.environment));
     let previous = if req.pointer || signer.is_some() {
         current_release(s3, &pointer_at, signer.as_ref()).await
     } else {
@@ -396,8 +398,8 @@ pub async fn publish(s3: &Client, req: &PublishRequest) -> Result<Published, Pub
         reverts: None,
     };
     let identity = ReleaseIdentity {
-        app: req.app.clone(),
-        environment: req.environment.clone(),
+        app: req.place.app.clone(),
+        environment: req.place.environment.clone(),
         key: key.clone(),
         commit: req.commit().to_ascii_lowercase(),
         sequence,
@@ -462,8 +464,8 @@ pub async fn publish(s3: &Client, req: &PublishRequest) -> Result<Published, Pub
         let doc = match &signer {
             Some(signer) => Statement {
                 format: SIGNED_FORMAT,
-                app: req.app.clone(),
-                environment: req.environment.clone(),
+                app: req.place.app.clone(),
+                environment: req.place.environment.clone(),
                 pointer: pointer_at.key.clone(),
                 key: key.clone(),
                 sha256: sha256.clone(),

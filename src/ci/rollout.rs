@@ -48,15 +48,9 @@ pub struct Signing {
 /// The arguments of `deployd rollout`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct RolloutRequest {
-    /// The bucket holding {app}/{environment}/current.json.
-    #[arg(long)]
-    pub bucket: String,
-    /// The app.
-    #[arg(long)]
-    pub app: String,
-    /// The environment.
-    #[arg(long)]
-    pub environment: String,
+    /// Where: the bucket holding {app}/{environment}/current.json.
+    #[command(flatten)]
+    pub place: super::Place,
     /// The share of the fleet, in percent, that takes the pointer's release.
     #[arg(long, value_parser = clap::value_parser!(u8).range(0..=100), required_unless_present = "revert", conflicts_with = "revert")]
     pub percent: Option<u8>,
@@ -278,10 +272,7 @@ pub async fn rewrite(
 
 /// `deployd rollout`: sets the percentage of the environment's pointer, or reverts it.
 pub async fn rollout(s3: &Client, req: &RolloutRequest) -> Result<Rewritten, RolloutError> {
-    let at = S3Object::new(
-        req.bucket.clone(),
-        pointer::pointer_key(&req.app, &req.environment),
-    );
+    let at = req.place.pointer();
     let edit = match (req.revert, req.percent) {
         (true, _) => Edit::Revert,
         (false, Some(p)) => Edit::Percent(p),
