@@ -23,7 +23,7 @@ use super::publish::expires_at;
 use super::upload::{self, UploadError, Write};
 use crate::contract::pointer::{self, Pointer, PointerError, PointerRead};
 use crate::contract::signature::{PublicKeys, SignError, SigningKey};
-use crate::contract::wave::{FULL, Rollout};
+use crate::contract::wave::{FULL, Previous, Rollout};
 use crate::error::exit_codes;
 use crate::s3::S3Object;
 
@@ -134,44 +134,37 @@ exit_codes!(RolloutError {
     Upload(e) => e.exit_code(),
 });
 
-/// The release a pointer names and its wave: the part `edit` changes.
-struct Meaning<'a> {
-    key: &'a mut String,
-    sha256: &'a mut String,
-    commit: &'a mut String,
+/// Applies `edit` to a pointer's wave; returns the pointer's new sequence (the previous
+/// release's, for a revert) and, for a revert, the release it names from now on.
+fn apply(
+    at: &S3Object,
+    edit: Edit,
     sequence: u64,
-    rollout: &'a mut Rollout,
-}
-
-/// Applies `edit`; returns the new sequence (the previous release's, for a revert).
-fn apply(at: &S3Object, edit: Edit, m: Meaning<'_>) -> Result<u64, RolloutError> {
+    rollout: &mut Rollout,
+) -> Result<(u64, Option<Previous>), RolloutError> {
     match edit {
         Edit::Percent(percent) => {
-            if percent < FULL && m.rollout.previous.is_none() {
+            if percent < FULL && rollout.previous.is_none() {
                 return Err(RolloutError::Usage(format!(
                     "release pointer {at} names no previous release for the rest of the fleet, so its percent cannot be {percent}; publish with --percent instead"
                 )));
             }
-            m.rollout.percent = percent;
-            Ok(m.sequence)
+            rollout.percent = percent;
+            Ok((sequence, None))
         }
         Edit::Revert => {
-            let previous = m
-                .rollout
+            let previous = rollout
                 .previous
                 .take()
                 .ok_or_else(|| RolloutError::NothingToRevert(at.clone()))?;
-            *m.key = previous.key;
-            *m.sha256 = previous.sha256;
-            *m.commit = previous.commit;
-            *m.rollout = Rollout {
+            *rollout = Rollout {
                 percent: FULL,
                 previous: None,
-                reverts: (m.sequence > 0).then_some(m.sequence),
+                reverts: (sequence > 0).then_some(sequence),
             };
-            Ok(previous.sequence)
+            Ok((previous.sequence, Some(previous)))
         }
-        Edit::Refresh => Ok(m.sequence),
+        Edit::Refresh => Ok((sequence, None)),
     }
 }
 
@@ -206,17 +199,11 @@ pub async fn rewrite(
                     signed: s.pointer,
                 });
             }
-            s.sequence = apply(
-                at,
-                edit,
-                Meaning {
-                    key: &mut s.key,
-                    sha256: &mut s.sha256,
-                    commit: &mut s.commit,
-                    sequence: s.sequence,
-                    rollout: &mut s.rollout,
-                },
-            )?;
+            let (sequence, back) = apply(at, edit, s.sequence, &mut s.rollout)?;
+            s.sequence = sequence;
+            if let Some(b) = back {
+                (s.key, s.sha256, s.commit) = (b.key, b.sha256, b.commit);
+            }
             s.published_at = now;
             s.expires_at = expires_at(signing.expires_in);
             s.sign(key)?
@@ -228,17 +215,9 @@ pub async fn rewrite(
                 )));
             }
             let mut p: Pointer = pointer;
-            apply(
-                at,
-                edit,
-                Meaning {
-                    key: &mut p.key,
-                    sha256: &mut p.sha256,
-                    commit: &mut p.commit,
-                    sequence: 0,
-                    rollout: &mut p.rollout,
-                },
-            )?;
+            if let (_, Some(b)) = apply(at, edit, 0, &mut p.rollout)? {
+                (p.key, p.sha256, p.commit) = (b.key, b.sha256, b.commit);
+            }
             p.published_at = now;
             p
         }
@@ -286,53 +265,44 @@ pub async fn rollout(s3: &Client, req: &RolloutRequest) -> Result<Rewritten, Rol
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::contract::wave::Previous;
 
     #[test]
     fn edits_move_the_percentage_or_go_back() {
         let at = S3Object::new("b", "web/prod/current.json");
-        struct Doc {
-            key: String,
-            sha: String,
-            commit: String,
-            rollout: Rollout,
-        }
-        fn m(d: &mut Doc) -> Meaning<'_> {
-            Meaning {
-                key: &mut d.key,
-                sha256: &mut d.sha,
-                commit: &mut d.commit,
-                sequence: 9,
-                rollout: &mut d.rollout,
-            }
-        }
-        let mut d = Doc {
-            key: "new".into(),
-            sha: "bb".repeat(32),
-            commit: "c2".into(),
-            rollout: Rollout {
-                percent: 10,
-                previous: Some(Previous {
-                    key: "old".into(),
-                    sha256: "aa".repeat(32),
-                    commit: "c1".into(),
-                    sequence: 5,
-                }),
-                reverts: None,
-            },
+        let mut rollout = Rollout {
+            percent: 10,
+            previous: Some(Previous {
+                key: "old".into(),
+                sha256: "aa".repeat(32),
+                commit: "c1".into(),
+                sequence: 5,
+            }),
+            reverts: None,
         };
-        assert_eq!(apply(&at, Edit::Percent(50), m(&mut d)).unwrap(), 9);
-        assert_eq!(apply(&at, Edit::Revert, m(&mut d)).unwrap(), 5);
+        assert_eq!(
+            apply(&at, Edit::Percent(50), 9, &mut rollout).unwrap(),
+            (9, None)
+        );
+        assert_eq!(rollout.percent, 50);
+        let (sequence, back) = apply(&at, Edit::Revert, 9, &mut rollout).unwrap();
+        assert_eq!(sequence, 5);
+        assert_eq!(
+            back.map(|b| (b.key, b.commit)),
+            Some(("old".into(), "c1".into()))
+        );
         assert!(matches!(
-            apply(&at, Edit::Revert, m(&mut d)),
+            apply(&at, Edit::Revert, 5, &mut rollout),
             Err(RolloutError::NothingToRevert(_))
         ));
         assert!(matches!(
-            apply(&at, Edit::Percent(20), m(&mut d)),
+            apply(&at, Edit::Percent(20), 5, &mut rollout),
             Err(RolloutError::Usage(_))
         ));
-        assert_eq!((d.key.as_str(), d.commit.as_str()), ("old", "c1"));
-        assert_eq!(d.rollout.reverts, Some(9));
-        assert_eq!(d.rollout.percent, FULL);
+        assert_eq!(rollout.reverts, Some(9));
+        assert_eq!(rollout.percent, FULL);
+        assert_eq!(
+            apply(&at, Edit::Refresh, 5, &mut rollout).unwrap(),
+            (5, None)
+        );
     }
 }
