@@ -405,8 +405,8 @@ async fn status(cfg: &Config, json: bool, wait: Option<Duration>) -> Result<i32,
         }
         if let Some(a) = &last {
             println!(
-                "last attempt   {:?} at {} ({}){}",
-                a.outcome,
+                "last attempt   {} at {} ({}){}",
+                a.outcome.as_str(),
                 a.finished_at,
                 a.trigger,
                 a.error
