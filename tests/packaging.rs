@@ -254,6 +254,7 @@ const DEFAULTS: &[(&str, &str)] = &[
     ("unpack.max_entries", "200000"),
     ("unpack.max_bytes", "\"16GiB\""),
     ("unpack.max_path_len", "4096"),
+    ("unpack.keep_group_world_write", "false"),
     ("releases.keep", "5"),
     ("containers.enabled", "true"),
     ("containers.compose_file", "\"docker-compose.yml\""),
