@@ -179,7 +179,8 @@ pub fn scrub(message: &str) -> String {
             }
         }
         let next = words.get(i + 1).copied().unwrap_or("");
-        if has_secret_word(&w) {
+        // A word with a `/` is a path or URL (`"/etc/passwd":`), not a name with a value.
+        if has_secret_word(&w) && !w.contains('/') {
             if let Some(sep) = w.find(['=', ':']).filter(|&s| s + 1 < w.len()) {
                 if is_scheme(&w[sep + 1..]) {
                     // `authorization=Basic <credential>`
@@ -329,6 +330,7 @@ mod tests {
             "environment file /etc/deployd/environment, line 3: DEPLOYMENT_KEY is not KEY=value"
                 .to_string(),
             "refusing archive entry \"a/b\": `..` in paths is not allowed".to_string(),
+            "refusing archive entry \"/etc/passwd\": absolute paths are not allowed".to_string(),
         ] {
             assert_eq!(scrub(&msg), msg);
         }
