@@ -55,6 +55,20 @@ const TOKEN_PREFIXES: [&str; 18] = [
     "AIza",
 ];
 
+/// Words that follow a variable's name in a sentence about it (`DEPLOYD_SIGN_PASSWORD is not
+/// set`) rather than its value.
+const PROSE: [&str; 32] = [
+    "is", "are", "was", "were", "not", "must", "should", "and", "or", "to", "in", "of", "for",
+    "with", "from", "as", "at", "on", "by", "the", "a", "an", "has", "have", "had", "set", "unset",
+    "missing", "empty", "may", "can", "deployd",
+];
+
+/// A word that reads as prose after a name, not as its value.
+fn is_prose(word: &str) -> bool {
+    let w = word.trim_matches(|c: char| !c.is_ascii_alphanumeric());
+    PROSE.iter().any(|p| w.eq_ignore_ascii_case(p))
+}
+
 /// HTTP authorization schemes: the word after one is the credential.
 const SCHEMES: [&str; 4] = ["bearer", "basic", "digest", "token"];
 
@@ -194,7 +208,7 @@ pub fn scrub(message: &str) -> String {
                 || w.ends_with('=')
                 || next == "="
                 || next == ":"
-                || env_style(&w)
+                || (env_style(&w) && !is_prose(next))
                 || is_scheme(&w)
             {
                 redact_next = true;
@@ -327,6 +341,9 @@ mod tests {
             ),
             "s3://b/web/app.tar.gz does not match its signature".to_string(),
             "Wrong password for the secret key file".to_string(),
+            "minisign secret key k is encrypted and DEPLOYD_SIGN_PASSWORD is not set; put its \
+             password in DEPLOYD_SIGN_PASSWORD (deployd never prompts)"
+                .to_string(),
             "environment file /etc/deployd/environment, line 3: DEPLOYMENT_KEY is not KEY=value"
                 .to_string(),
             "refusing archive entry \"a/b\": `..` in paths is not allowed".to_string(),
