@@ -44,4 +44,5 @@ pub(crate) mod files;
 pub(crate) mod instance;
 pub(crate) mod report;
 pub mod s3;
+pub(crate) mod scrub;
 pub mod units;

@@ -124,6 +124,22 @@ fn unit_declares_the_service_contract() {
         "TimeoutStopSec={stop} leaves no room for the 30 s graceful stop"
     );
     assert!(s.contains_key("Service.WatchdogSec"), "WatchdogSec missing");
+    // Bounded resources, with room above the measured peak (systemd/deployd.service).
+    for key in [
+        "Service.MemoryHigh",
+        "Service.MemoryMax",
+        "Service.TasksMax",
+    ] {
+        assert!(s.contains_key(key), "{key} missing");
+    }
+    let mib = |key: &str| -> u64 {
+        let v = &s[key];
+        v.trim_end_matches('M')
+            .parse()
+            .unwrap_or_else(|_| panic!("{key}={v} in MiB (NNNM)"))
+    };
+    assert!(mib("Service.MemoryHigh") >= 128, "MemoryHigh too tight");
+    assert!(mib("Service.MemoryMax") > mib("Service.MemoryHigh"));
     assert!(
         s.contains_key("Service.TimeoutStartSec"),
         "TimeoutStartSec missing"
@@ -255,6 +271,7 @@ const DEFAULTS: &[(&str, &str)] = &[
     ("unpack.max_entries", "200000"),
     ("unpack.max_bytes", "\"16GiB\""),
     ("unpack.max_path_len", "4096"),
+    ("unpack.keep_group_world_write", "false"),
     ("releases.keep", "5"),
     ("containers.enabled", "true"),
     ("containers.compose_file", "\"docker-compose.yml\""),

@@ -553,6 +553,7 @@ fn unpacker() {
         max_entries: 64,
         max_bytes: 1 << 20,
         max_path_len: 256,
+        keep_group_world_write: false,
     };
     let root = scratch();
     proptest!(config(), |(bytes in archive())| {

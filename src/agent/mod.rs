@@ -261,7 +261,7 @@ impl Agent {
         let cfg = match Config::load(self.config_path.as_deref()) {
             Ok(cfg) => cfg,
             Err(error) => {
-                tracing::error!(%error, "the new config is invalid; keeping the running one");
+                tracing::error!(error = %crate::scrub::scrub(&error.to_string()), "the new config is invalid; keeping the running one");
                 self.notifier.status(&format!(
                     "config reload failed, kept the running config: {error}"
                 ));
@@ -271,7 +271,7 @@ impl Agent {
         let s3 = match crate::s3::client(&cfg.s3).await {
             Ok(s3) => s3,
             Err(error) => {
-                tracing::error!(%error, "the new config is unusable; keeping the running one");
+                tracing::error!(error = %crate::scrub::scrub(&error.to_string()), "the new config is unusable; keeping the running one");
                 return;
             }
         };

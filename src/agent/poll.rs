@@ -99,7 +99,7 @@ async fn poll_loop(
         let env = match EnvFile::load(&cfg.environment_file) {
             Ok(env) => env,
             Err(error) => {
-                tracing::warn!(%error, "poll: cannot read the environment file");
+                tracing::warn!(error = %crate::scrub::scrub(&error.to_string()), "poll: cannot read the environment file");
                 continue;
             }
         };
@@ -108,7 +108,7 @@ async fn poll_loop(
         let artifact = match source::resolve(&cfg, &env, None, &instance).await {
             Ok(a) => a,
             Err(error) => {
-                tracing::warn!(%error, "poll: cannot resolve the artifact source");
+                tracing::warn!(error = %crate::scrub::scrub(&error.to_string()), "poll: cannot resolve the artifact source");
                 continue;
             }
         };
@@ -137,7 +137,7 @@ async fn poll_loop(
                     Some(etag)
                 }
                 Err(error) => {
-                    tracing::warn!(%error, "poll: cannot read the release pointer");
+                    tracing::warn!(error = %crate::scrub::scrub(&error.to_string()), "poll: cannot read the release pointer");
                     None
                 }
             }
@@ -154,7 +154,7 @@ async fn poll_loop(
                 Err(e) => match s3::classify(&e) {
                     S3Failure::NotModified => None,
                     failure => {
-                        tracing::warn!(artifact = %at, error = %failure, "poll: head-object failed");
+                        tracing::warn!(artifact = %at, error = %crate::scrub::scrub(&failure.to_string()), "poll: head-object failed");
                         None
                     }
                 },

@@ -184,7 +184,7 @@ pub fn main() -> i32 {
     match runtime.block_on(commands::dispatch(cli, output)) {
         Ok(code) => code,
         Err(f) => {
-            eprintln!("deployd: error: {}", f.message);
+            eprintln!("deployd: error: {}", crate::scrub::scrub(&f.message));
             f.code
         }
     }

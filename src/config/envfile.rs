@@ -26,14 +26,14 @@ pub enum EnvFileError {
         #[source]
         source: std::io::Error,
     },
-    /// A line that is not `KEY=value`.
+    /// A line that is not `KEY=value`. Never holds the line's text: a value may be a secret.
     #[error("environment file {path}, line {line}: {message}")]
     Syntax {
         /// The path concerned.
         path: PathBuf,
         /// 1-based line number.
         line: usize,
-        /// What is wrong.
+        /// What is wrong, naming at most the variable.
         message: String,
     },
 }
@@ -87,16 +87,27 @@ impl EnvFile {
             }
             let line = line.strip_prefix("export ").unwrap_or(line).trim_start();
             let Some((key, value)) = line.split_once('=') else {
-                return Err(syntax(format!("expected KEY=value, found {line:?}")));
+                return Err(syntax(
+                    "expected KEY=value and found no `=` (the line is not shown: it may hold \
+                     a secret)"
+                        .into(),
+                ));
             };
             let key = key.trim();
             if key.is_empty()
                 || key.starts_with(|c: char| c.is_ascii_digit())
                 || !key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
             {
-                return Err(syntax(format!("{key:?} is not a valid variable name")));
+                return Err(syntax(
+                    "the name before `=` is not a valid variable name (letters, digits and `_`, \
+                     not starting with a digit; the line is not shown: it may hold a secret)"
+                        .into(),
+                ));
             }
-            vars.insert(key.to_string(), unquote(value.trim()).map_err(syntax)?);
+            // The name last: a scrubber redacts the word after a secret-looking name.
+            let value =
+                unquote(value.trim()).map_err(|e| syntax(format!("{e} in the value of {key}")))?;
+            vars.insert(key.to_string(), value);
         }
         Ok(EnvFile {
             path: path.to_path_buf(),
@@ -168,14 +179,28 @@ mod tests {
 
     #[test]
     fn errors_name_the_line() {
-        let err = EnvFile::parse("A=1\nnot a pair\n", Path::new("/e")).unwrap_err();
+        let err = EnvFile::parse("A=1\nDB_PASSWORD hunter2\n", Path::new("/e")).unwrap_err();
         assert!(err.to_string().contains("line 2"), "{err}");
-        let err = EnvFile::parse("A='open\n", Path::new("/e")).unwrap_err();
-        assert!(err.to_string().contains("unterminated"), "{err}");
-        let err = EnvFile::parse("1A=x\n", Path::new("/e")).unwrap_err();
+        assert!(err.to_string().contains("/e"), "{err}");
+        let err = EnvFile::parse("A='hunter2\n", Path::new("/e")).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("unterminated single quote in the value of A"),
+            "{err}"
+        );
+        let err = EnvFile::parse("1A hunter2=x\n", Path::new("/e")).unwrap_err();
         assert!(
             err.to_string().contains("not a valid variable name"),
             "{err}"
         );
+        for text in [
+            "DB_PASSWORD hunter2\n",
+            "TOKEN=\"hunter2\n",
+            "TOKEN=\"a\" hunter2\n",
+            "hunter2 x=1\n",
+        ] {
+            let err = EnvFile::parse(text, Path::new("/e")).unwrap_err();
+            assert!(!err.to_string().contains("hunter2"), "{err}");
+        }
     }
 }

@@ -76,6 +76,9 @@ pub struct UnpackConfig {
     pub max_bytes: Size,
     /// Bytes in one entry's path.
     pub max_path_len: usize,
+    /// Keep group and other write bits from the archive's modes (cleared by default, as
+    /// Python's `data` extraction filter does).
+    pub keep_group_world_write: bool,
 }
 
 impl Default for UnpackConfig {
@@ -84,6 +87,7 @@ impl Default for UnpackConfig {
             max_entries: 200_000,
             max_bytes: Size(16 << 30),
             max_path_len: 4096,
+            keep_group_world_write: false,
         }
     }
 }

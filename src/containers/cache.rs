@@ -19,12 +19,22 @@
 //! (`<repo>:<release>-stage-<name>`) follow their release in both.
 
 use std::collections::{BTreeSet, HashMap};
+use std::ffi::{OsStr, OsString};
+use std::io;
+use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use bollard::query_parameters::{
     ListImagesOptionsBuilder, PruneBuildOptionsBuilder, PruneImagesOptionsBuilder,
     RemoveImageOptionsBuilder,
 };
+
+use nix::dir::Dir;
+use nix::errno::Errno;
+use nix::fcntl::{AtFlags, OFlag};
+use nix::sys::stat::Mode;
+use nix::unistd::UnlinkatFlags;
 
 use super::CACHE_CLEARED_MARKER;
 use super::compose::split_image;
@@ -99,12 +109,14 @@ impl Engine {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs())
                 .unwrap_or_default();
-            std::fs::write(&marker, format!("{stamp}\n")).map_err(|source| {
-                ContainerError::WriteFile {
+            // Atomically, under a random name created O_EXCL|O_NOFOLLOW: a container that can
+            // write to the release cannot redirect the marker through a planted symlink.
+            crate::files::write_atomic(&marker, format!("{stamp}\n").as_bytes(), 0o644).map_err(
+                |e| ContainerError::WriteFile {
                     path: marker,
-                    source,
-                }
-            })?;
+                    source: e.source,
+                },
+            )?;
         }
         tracing::info!(
             project,
@@ -302,12 +314,20 @@ struct InUse {
     ids: BTreeSet<String>,
 }
 
-/// Delete the app cache paths below a release directory.
+/// Delete the app cache paths below a release directory. Every directory is opened relative
+/// to its parent with `O_NOFOLLOW`, so a symlink a container planted in the release (in place
+/// of `node_modules`, or of a directory on a relative clear path) is removed or skipped, never
+/// followed.
 fn remove_cache_paths(
     dir: &Path,
     clear_paths: &[String],
     removed: &mut Vec<PathBuf>,
 ) -> Result<(), ContainerError> {
+    let root = match crate::files::open_dir(dir) {
+        Ok(fd) => fd,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(source) => return Err(read_err(dir)(source)),
+    };
     let (relative, names): (Vec<&String>, Vec<&String>) =
         clear_paths.iter().partition(|p| p.contains('/'));
     for rel in relative {
@@ -318,62 +338,159 @@ fn remove_cache_paths(
         {
             continue;
         }
-        remove_entry(&dir.join(rel_path), removed)?;
+        let parts: Vec<&OsStr> = rel_path.iter().collect();
+        let Some((last, ancestors)) = parts.split_last() else {
+            continue;
+        };
+        let mut fd = root.try_clone().map_err(read_err(dir))?;
+        let mut at = dir.to_path_buf();
+        let mut reachable = true;
+        for part in ancestors {
+            at.push(part);
+            match open_child_dir(&fd, part) {
+                Ok(Some(child)) => fd = child,
+                Ok(None) => {
+                    reachable = false;
+                    break;
+                }
+                Err(source) => return Err(read_err(&at)(source)),
+            }
+        }
+        if reachable {
+            remove_at(&fd, last, &at.join(last), removed)?;
+        }
     }
     if names.is_empty() {
         return Ok(());
     }
     let names: BTreeSet<&str> = names.iter().map(|s| s.as_str()).collect();
-    walk_remove(dir, &names, removed)
+    walk_remove(&root, dir, &names, removed)
+}
+
+fn read_err(path: &Path) -> impl FnOnce(io::Error) -> ContainerError + '_ {
+    move |source| ContainerError::ReadFile {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn write_err(path: &Path) -> impl FnOnce(io::Error) -> ContainerError + '_ {
+    move |source| ContainerError::WriteFile {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Opens the directory `name` in `dir` without following a symlink; `None` when it is
+/// missing, a symlink or not a directory.
+fn open_child_dir(dir: &OwnedFd, name: &OsStr) -> io::Result<Option<OwnedFd>> {
+    match nix::fcntl::openat(
+        dir,
+        name,
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    ) {
+        Ok(fd) => Ok(Some(fd)),
+        Err(Errno::ENOENT | Errno::ELOOP | Errno::ENOTDIR) => Ok(None),
+        Err(e) => Err(io::Error::from(e)),
+    }
+}
+
+/// The names in a directory (`.` and `..` left out).
+fn list(dir: &OwnedFd) -> io::Result<Vec<OsString>> {
+    let mut d = Dir::from_fd(dir.try_clone()?).map_err(io::Error::from)?;
+    let mut out = Vec::new();
+    for entry in d.iter() {
+        let entry = entry.map_err(io::Error::from)?;
+        let name = OsStr::from_bytes(entry.file_name().to_bytes());
+        if name != "." && name != ".." {
+            out.push(name.to_os_string());
+        }
+    }
+    Ok(out)
 }
 
 fn walk_remove(
-    dir: &Path,
+    dir: &OwnedFd,
+    path: &Path,
     names: &BTreeSet<&str>,
     removed: &mut Vec<PathBuf>,
 ) -> Result<(), ContainerError> {
-    let read_err = |source| ContainerError::ReadFile {
-        path: dir.to_path_buf(),
-        source,
-    };
-    let entries = match std::fs::read_dir(dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(read_err(e)),
-    };
-    for entry in entries {
-        let entry = entry.map_err(read_err)?;
-        let path = entry.path();
-        let file_type = entry.file_type().map_err(read_err)?;
-        if names.contains(entry.file_name().to_string_lossy().as_ref()) {
-            remove_entry(&path, removed)?;
-        } else if file_type.is_dir() {
-            walk_remove(&path, names, removed)?;
+    for name in list(dir).map_err(read_err(path))? {
+        let child = path.join(&name);
+        if names.contains(name.to_string_lossy().as_ref()) {
+            remove_at(dir, &name, &child, removed)?;
+        } else if let Some(fd) = open_child_dir(dir, &name).map_err(read_err(&child))? {
+            walk_remove(&fd, &child, names, removed)?;
         }
     }
     Ok(())
 }
 
-fn remove_entry(path: &Path, removed: &mut Vec<PathBuf>) -> Result<(), ContainerError> {
-    let meta = match std::fs::symlink_metadata(path) {
-        Ok(m) => m,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(source) => {
-            return Err(ContainerError::ReadFile {
-                path: path.to_path_buf(),
-                source,
-            });
-        }
-    };
-    let result = if meta.is_dir() {
-        std::fs::remove_dir_all(path)
-    } else {
-        std::fs::remove_file(path)
-    };
-    result.map_err(|source| ContainerError::WriteFile {
-        path: path.to_path_buf(),
-        source,
-    })?;
+/// Removes `name` in `dir`: a file or symlink itself, or a directory tree, never following a
+/// symlink.
+fn remove_at(
+    dir: &OwnedFd,
+    name: &OsStr,
+    path: &Path,
+    removed: &mut Vec<PathBuf>,
+) -> Result<(), ContainerError> {
+    match nix::sys::stat::fstatat(dir, name, AtFlags::AT_SYMLINK_NOFOLLOW) {
+        Err(Errno::ENOENT) => return Ok(()),
+        Err(e) => return Err(read_err(path)(io::Error::from(e))),
+        Ok(_) => {}
+    }
+    remove_tree_at(dir, name, path)?;
     removed.push(path.to_path_buf());
     Ok(())
+}
+
+fn remove_tree_at(dir: &OwnedFd, name: &OsStr, path: &Path) -> Result<(), ContainerError> {
+    if let Some(fd) = open_child_dir(dir, name).map_err(read_err(path))? {
+        for child in list(&fd).map_err(read_err(path))? {
+            remove_tree_at(&fd, &child, &path.join(&child))?;
+        }
+        drop(fd);
+        return nix::unistd::unlinkat(dir, name, UnlinkatFlags::RemoveDir)
+            .map_err(|e| write_err(path)(io::Error::from(e)));
+    }
+    match nix::unistd::unlinkat(dir, name, UnlinkatFlags::NoRemoveDir) {
+        Ok(()) | Err(Errno::ENOENT) => Ok(()),
+        Err(e) => Err(write_err(path)(io::Error::from(e))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clear_paths_never_follow_planted_symlinks() {
+        let root = tempfile::tempdir().unwrap();
+        let outside = root.path().join("outside");
+        std::fs::create_dir_all(outside.join(".next")).unwrap();
+        std::fs::write(outside.join(".next/keep"), b"x").unwrap();
+        std::fs::write(outside.join("keep"), b"x").unwrap();
+        let release = root.path().join("release");
+        std::fs::create_dir_all(release.join("app/.next/cache")).unwrap();
+        std::fs::write(release.join("app/.next/cache/f"), b"x").unwrap();
+        std::fs::create_dir_all(release.join("web")).unwrap();
+        // A planted link named like a cache path, and one in place of a directory on a
+        // relative clear path.
+        std::os::unix::fs::symlink(&outside, release.join("web/.turbo")).unwrap();
+        std::os::unix::fs::symlink(&outside, release.join("linked")).unwrap();
+        let mut removed = Vec::new();
+        remove_cache_paths(
+            &release,
+            &[".next".into(), ".turbo".into(), "linked/.next".into()],
+            &mut removed,
+        )
+        .unwrap();
+        assert!(!release.join("app/.next").exists());
+        assert!(std::fs::symlink_metadata(release.join("web/.turbo")).is_err());
+        assert!(outside.join(".next/keep").exists(), "followed a symlink");
+        assert!(outside.join("keep").exists(), "followed a symlink");
+        assert!(release.join("linked").exists());
+        assert_eq!(removed.len(), 2, "{removed:?}");
+    }
 }

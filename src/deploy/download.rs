@@ -51,6 +51,7 @@ impl Deployer {
             max_entries: self.cfg.unpack.max_entries,
             max_bytes: self.cfg.unpack.max_bytes.0,
             max_path_len: self.cfg.unpack.max_path_len,
+            keep_group_world_write: self.cfg.unpack.keep_group_world_write,
         }
     }
 

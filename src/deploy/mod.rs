@@ -57,6 +57,7 @@ use crate::instance::tags::Update;
 use crate::report::Reporter;
 use crate::report::metrics::Metrics;
 use crate::s3::S3Object;
+use crate::scrub::scrub;
 use download::Staged;
 use fetch::FetchError;
 use release::{Layout, ReleaseError};
@@ -372,10 +373,15 @@ impl Deployer {
             Err(e @ DeployError::RolledBack(_)) => (
                 Outcome::RolledBack,
                 None,
-                Some(e.to_string()),
+                Some(scrub(&e.to_string())),
                 e.exit_code(),
             ),
-            Err(e) => (Outcome::Failed, None, Some(e.to_string()), e.exit_code()),
+            Err(e) => (
+                Outcome::Failed,
+                None,
+                Some(scrub(&e.to_string())),
+                e.exit_code(),
+            ),
         };
         let attempt = Attempt {
             started_at,
@@ -414,7 +420,7 @@ impl Deployer {
             Err(e) => tracing::error!(
                 exit_code = code,
                 seconds = clock.elapsed().as_secs_f64(),
-                error = %e,
+                error = %scrub(&e.to_string()),
                 "deployment failed"
             ),
         }

@@ -48,9 +48,6 @@ use crate::instance::imds::{Imds, ImdsError};
 /// The most time one tag write (or one tag read) may add to a deployment.
 pub const TAG_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// EC2 allows 256 characters in a tag value; the error text is cut to 255.
-const ERROR_CHARS: usize = 255;
-
 /// What `deployd:status` says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TagStatus {
@@ -520,82 +517,10 @@ impl Ec2Tags {
     }
 }
 
-/// Makes an error message safe and short enough for a tag value: one line, query strings,
-/// URL credentials, access key ids, secret-key-shaped words and `secret=...`-style values
-/// removed, at most 255 characters.
+/// Makes an error message safe and short enough for a tag value: [`crate::scrub::scrub`]bed,
+/// at most 255 characters.
 pub fn sanitize_error(message: &str) -> String {
-    const SECRET_WORDS: [&str; 9] = [
-        "secret",
-        "password",
-        "passwd",
-        "token",
-        "signature",
-        "credential",
-        "authorization",
-        "session",
-        "private",
-    ];
-    let one_line: String = message
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect();
-    let mut out: Vec<String> = Vec::new();
-    let mut redact_next = false;
-    for word in one_line.split(' ').filter(|w| !w.is_empty()) {
-        if redact_next {
-            redact_next = false;
-            out.push("[redacted]".into());
-            continue;
-        }
-        let mut w = word.to_string();
-        // Query strings (presigned URLs carry signatures and tokens there).
-        if let Some(q) = w.find('?')
-            && w[q..].contains('=')
-        {
-            w.truncate(q);
-            w.push_str("?[redacted]");
-        }
-        // Credentials in URLs: scheme://user:password@host
-        if let Some(scheme) = w.find("://") {
-            let rest = &w[scheme + 3..];
-            if let Some(at) = rest.find('@')
-                && !rest[..at].contains('/')
-            {
-                w = format!("{}[redacted]@{}", &w[..scheme + 3], &rest[at + 1..]);
-            }
-        }
-        let lower = w.to_ascii_lowercase();
-        let secret_word = SECRET_WORDS.iter().any(|s| lower.contains(s));
-        if secret_word && let Some(eq) = w.find(['=', ':']).filter(|&i| i + 1 < w.len()) {
-            w = format!("{}[redacted]", &w[..=eq]);
-        } else if secret_word && (w.ends_with(':') || w.ends_with('=')) {
-            redact_next = true;
-        }
-        if looks_like_key(&w) {
-            w = "[redacted]".into();
-        }
-        out.push(w);
-    }
-    let text = out.join(" ");
-    text.chars().take(ERROR_CHARS).collect()
-}
-
-/// An AWS access key id (`AKIA...`, `ASIA...`) or a 40-character secret access key.
-fn looks_like_key(word: &str) -> bool {
-    let w = word.trim_matches(|c: char| !c.is_ascii_alphanumeric() && c != '/' && c != '+');
-    let key_id = w.len() == 20
-        && ["AKIA", "ASIA", "AROA", "AIDA", "ANPA", "AGPA"]
-            .iter()
-            .any(|p| w.starts_with(p))
-        && w.bytes()
-            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit());
-    let secret = w.len() == 40
-        && w.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'/' || b == b'+')
-        && w.bytes().any(|b| b.is_ascii_uppercase())
-        && w.bytes().any(|b| b.is_ascii_lowercase())
-        && w.bytes().any(|b| b.is_ascii_digit());
-    key_id || secret
+    crate::scrub::for_tag(message)
 }
 
 #[cfg(test)]

@@ -48,7 +48,14 @@ pub async fn outward(
             status,
             release: Some(serving.map(|r| r.id.clone()).unwrap_or_default()),
             commit: Some(serving.and_then(|r| r.commit.clone()).unwrap_or_default()),
-            error: Some(attempt.error.clone().unwrap_or_default()),
+            // A short category first, so that a tag filter can group failures.
+            error: Some(
+                attempt
+                    .error
+                    .as_deref()
+                    .map(|e| format!("{}: {e}", crate::scrub::category(attempt.exit_code)))
+                    .unwrap_or_default(),
+            ),
             target: target.map(str::to_string),
         })
         .await;

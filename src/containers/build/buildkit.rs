@@ -282,7 +282,7 @@ fn frontend_hint(dockerfile: Option<&str>, message: &str) -> Option<&'static str
     let dockerfile = dockerfile.unwrap_or_default();
     if message.contains("no active session") {
         return Some(
-            "RUN --mount=type=secret and type=ssh need a build session, which deployd does not open: build without them",
+            "RUN mounts of type secret or ssh need a build session, which deployd does not open: build without them",
         );
     }
     if message.contains("frontend gateway") || message.contains("docker/dockerfile") {
