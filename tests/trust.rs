@@ -84,7 +84,7 @@ fn rollbacks_need_an_operator_and_republishing_is_the_way_back() {
     assert_eq!(host.served_version(), "v2");
     // Keys are named by commit and publish time to the second; v1 may have been published
     // less than a second ago on a fast run.
-    std::thread::sleep(std::time::Duration::from_millis(1100));
+    std::thread::sleep(Duration::from_millis(1100));
     let again = release(&host, &k, "prod", "v1", C1, true);
     assert_ne!(again.key, v1.key);
     assert_eq!(again.sha256, v1.sha256, "the same bytes");
