@@ -139,6 +139,21 @@ fn ci_run(ci: &Host, keys: &Keys, args: &[&str]) -> Run {
     Run::from(cmd.output().unwrap())
 }
 
+/// `deployd rollout` of web/prod in the CI host's bucket, then EXTRA.
+fn rollout_args<'a>(ci: &'a Host, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "rollout",
+        "--bucket",
+        &ci.bucket,
+        "--app",
+        "web",
+        "--environment",
+        "prod",
+    ];
+    args.extend_from_slice(extra);
+    args
+}
+
 /// `deployd fleet status --bucket … --wait --sha COMMIT EXTRA` with a 1 s interval.
 fn fleet_wait(ci: &Host, keys: &Keys, commit: &str, extra: &[&str]) -> Run {
     let mut args = vec![
@@ -262,22 +277,11 @@ fn waves_grow_converge_and_a_bad_release_is_reverted() {
     agents.push(late_out);
 
     // rollout --percent 100: everyone, and fleet status --wait says so.
+    let sign = keys.secret.to_str().unwrap();
     ci_run(
         &ci,
         &keys,
-        &[
-            "rollout",
-            "--bucket",
-            &ci.bucket,
-            "--app",
-            "web",
-            "--environment",
-            "prod",
-            "--percent",
-            "100",
-            "--sign",
-            keys.secret.to_str().unwrap(),
-        ],
+        &rollout_args(&ci, &["--percent", "100", "--sign", sign]),
     )
     .ok();
     fleet_wait(&ci, &keys, C2, &[]).ok();
@@ -338,18 +342,7 @@ fn waves_grow_converge_and_a_bad_release_is_reverted() {
     let run = ci_run(
         &ci,
         &keys,
-        &[
-            "rollout",
-            "--bucket",
-            &ci.bucket,
-            "--app",
-            "web",
-            "--environment",
-            "prod",
-            "--revert",
-            "--sign",
-            keys.secret.to_str().unwrap(),
-        ],
+        &rollout_args(&ci, &["--revert", "--sign", sign]),
     );
     run.ok();
     assert!(run.stdout.contains(&v2_key), "{}", run.stdout);
@@ -398,19 +391,7 @@ fn unsigned_waves_and_what_ci_refuses() {
     assert_eq!(p["previous"]["key"], v1.as_str(), "{p}");
     assert_eq!(p["previous"]["commit"], C1, "{p}");
 
-    let rollout = |extra: &[&str]| {
-        let mut args = vec![
-            "rollout",
-            "--bucket",
-            &ci.bucket,
-            "--app",
-            "web",
-            "--environment",
-            "prod",
-        ];
-        args.extend_from_slice(extra);
-        ci.run(&args)
-    };
+    let rollout = |extra: &[&str]| ci.run(&rollout_args(&ci, extra));
     rollout(&["--percent", "60"]).ok();
     assert_eq!(pointer(&ci)["percent"], 60);
     rollout(&[]).fails_with(64, "");
