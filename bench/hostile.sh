@@ -14,18 +14,10 @@ deployd=${DEPLOYD:-$PWD/target/release/deployd}
 before=${DEPLOYD_BEFORE:-}
 timeout_s=${TIMEOUT:-300}
 [ -x "$deployd" ] || { echo "build first: cargo build --release" >&2; exit 1; }
-command -v moto_server >/dev/null || python3 -m pip install --quiet 'moto[server]'
-command -v aws >/dev/null || python3 -m pip install --quiet awscli
 
-work=$(mktemp -d /var/tmp/deployd-hostile.XXXXXX)
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-moto_server -H 127.0.0.1 -p "$port" >"$work/s3.log" 2>&1 &
-s3_pid=$!
-trap 'kill $s3_pid 2>/dev/null || true; rm -rf "$work"' EXIT
-export AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=bench AWS_REGION=us-east-1 AWS_EC2_METADATA_DISABLED=true
-endpoint="http://127.0.0.1:$port"
-for _ in $(seq 100); do (echo >/dev/tcp/127.0.0.1/"$port") 2>/dev/null && break; sleep 0.1; done
-aws --endpoint-url "$endpoint" s3 mb s3://bench >/dev/null
+# shellcheck source=bench/s3.sh
+. bench/s3.sh
+start_s3 hostile
 
 corpus=${CORPUS:-$work/corpus}
 if [ ! -d "$corpus" ]; then
